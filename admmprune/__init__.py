@@ -1,0 +1,1 @@
+"""admmprune: structured pruning of JAX networks with ADMM."""
