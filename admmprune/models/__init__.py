@@ -1,0 +1,97 @@
+"""Model registry and the bridge from an ``nnx.Module`` to a pure function.
+
+Models:
+    ``"lenet5"``: :class:`LeNet5`, output layer ``fc2``.
+    ``"mlp"``: :class:`MLP`, output layer ``head``.
+
+Each model class has ``output_layer`` (the name of the logits layer, whose
+outputs must never be pruned), and each instance has ``widths`` (its prunable
+widths) and ``config`` (its constructor keyword arguments but ``rngs``), so
+``get(name_of(model), **{**model.config, ...}, rngs=...)`` rebuilds it.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from admmprune._errors import UserError
+from admmprune.models.lenet import LeNet5
+from admmprune.models.mlp import MLP
+
+__all__ = ["MLP", "LeNet5", "apply_fn", "get", "name_of", "names"]
+
+_REGISTRY: dict[str, type[nnx.Module]] = {"lenet5": LeNet5, "mlp": MLP}
+
+
+def names() -> tuple[str, ...]:
+    """The registered model names, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def get(name: str, **kwargs: Any) -> nnx.Module:
+    """Build the model registered as ``name``.
+
+    Args:
+        name: one of :func:`names`.
+        **kwargs: forwarded to the model's constructor. ``rngs`` defaults to
+            ``nnx.Rngs(0)``.
+
+    Returns:
+        A freshly initialised model.
+
+    Raises:
+        UserError: if ``name`` is not registered, or the constructor rejects
+            the widths.
+
+    Examples:
+        >>> get("lenet5", features=(5, 12, 100)).widths
+        (5, 12, 100)
+    """
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}; valid names: {', '.join(names())}")
+    kwargs.setdefault("rngs", nnx.Rngs(0))
+    return _REGISTRY[name](**kwargs)
+
+
+def name_of(model: nnx.Module) -> str:
+    """The registry name of ``model``'s class (for checkpoint metadata).
+
+    Raises:
+        UserError: if the class is not registered.
+    """
+    for name, cls in _REGISTRY.items():
+        if type(model) is cls:
+            return name
+    raise UserError(
+        f"{type(model).__name__} is not a registered model; valid names: {', '.join(names())}"
+    )
+
+
+def apply_fn(model: nnx.Module) -> tuple[Callable[[nnx.State, jax.Array], jax.Array], nnx.State]:
+    """Split ``model`` into a pure forward function and its parameters.
+
+    ``fn(params, x)`` merges the model's graph definition (and any non-``Param``
+    state, captured as a constant) with ``params`` and calls it on ``x``. It is
+    pure, so it can be passed to ``jax.jit``, ``jax.grad`` or
+    ``jax.make_jaxpr``; ``model`` itself is not modified by calls to ``fn``.
+
+    Args:
+        model: an ``nnx.Module`` whose ``__call__`` takes one input.
+
+    Returns:
+        ``(fn, params)`` where ``params`` is the ``nnx.State`` of the model's
+        ``nnx.Param`` variables (paths such as ``conv1/kernel``).
+
+    Examples:
+        >>> fn, params = apply_fn(get("lenet5"))
+        >>> jax.jit(fn)(params, jnp.zeros((1, 28, 28, 1))).shape
+        (1, 10)
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def fn(params: nnx.State, x: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params, rest, copy=True)(x)
+
+    return fn, params
