@@ -24,13 +24,14 @@ def fit(params, tx, opt_state, steps=400):
     for _ in range(steps): params, opt_state = step(params, opt_state)
     return params, opt_state
 
-tx = optax.chain(ap.admm(specs, rho=1e-2, interval=20, rho_schedule=ap.geometric_rho(1.3)), optax.adam(3e-3))
+rho = ap.geometric_rho(1.3, max_rho=1.0)                 # x1.3 per dual update, capped
+tx = optax.chain(ap.admm(specs, rho=1e-2, interval=20, rho_schedule=rho), optax.sgd(0.02, momentum=0.9))
 opt_state = tx.init(params)
 for ratio in ap.stage_ratios(0.9):                       # 0.5 -> 0.75 -> 0.9
     opt_state = ap.set_stage(opt_state, keep_ratio=1 - ratio)
     params, opt_state = fit(params, tx, opt_state)
 params, masks = ap.hard_prune(params, specs, 0.1, support=ap.find_state(opt_state).support)
-tx = optax.chain(optax.adam(3e-3), ap.keep_masked(masks))
+tx = optax.chain(optax.sgd(0.02, momentum=0.9), ap.keep_masked(masks))
 params, _ = fit(params, tx, tx.init(params))
 print("kept widths:", [int(m.any(0).sum()) for m in (masks[0]["kernel"], masks[1]["kernel"])],
       "loss:", float(loss(params)))
