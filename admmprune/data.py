@@ -259,7 +259,9 @@ def _prepare_offline(name: str, data_dir: str) -> None:
         except OSError:
             # Another process finished first; its copy is as good as ours.
             if not os.path.isfile(os.path.join(final, "dataset_info.json")):
-                raise
+                raise UserError(
+                    f"{final} exists but holds no prepared dataset: remove it and retry"
+                ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -284,7 +286,7 @@ def _builder(name: str, data_dir: str):
             f"unknown dataset {name!r}: use a tfds dataset name such as 'mnist', "
             "'fashion_mnist' or 'cifar10'"
         ) from None
-    except ValueError as e:  # bad config or version in "name/config:version"
+    except (ValueError, AssertionError) as e:  # bad config or version in "name/config:version"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot use dataset {name!r}: {first_line}") from None
 

@@ -100,6 +100,48 @@ def test_unprepared_dataset_fails_fast_and_says_what_to_do(tmp_path):
         data.dataset_info("cifar10", tmp_path / "empty")
 
 
+class _GeneratedCifar10(tfds.image_classification.Cifar10, skip_registration=True):
+    """The stock CIFAR-10 builder's name, version and features, on random pixels."""
+
+    name = "cifar10"
+
+    def _split_generators(self, dl_manager):
+        rng = np.random.default_rng(0)
+
+        def examples(split, n):
+            for i in range(n):
+                image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                yield i, {"id": f"{split}_{i:05d}", "image": data._png(image), "label": i % 10}
+
+        return {"train": examples("train", 30), "test": examples("test", 10)}
+
+
+def test_any_tfds_dataset_prepared_as_array_record_is_read(tmp_path):
+    builder = _GeneratedCifar10(data_dir=tmp_path, file_format="array_record")
+    builder.download_and_prepare()
+    source = data.load_source("cifar10", "train", tmp_path)
+    assert source.images.shape == (30, 32, 32, 3)
+    assert np.bincount(source.labels).tolist() == [3] * 10  # tfds stores records shuffled
+    info = data.dataset_info("cifar10", tmp_path)
+    assert info.splits == {"train": 30, "test": 10}
+    assert (info.num_classes, info.image_shape) == (10, (32, 32, 3))
+    loader = data.make_loader(
+        source,
+        batch_size=8,
+        seed=0,
+        normalize=data.NORMALIZATION["cifar10"],
+        augment=("random_crop_pad", "flip"),
+    )
+    assert next(iter(loader))["image"].shape == (8, 32, 32, 3)
+
+
+def test_bad_version_or_config_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="mnist:9.9.9"):
+        data.load_source("mnist:9.9.9", "test", tmp_path)
+    with pytest.raises(UserError, match="mnist/no_config"):
+        data.load_source("mnist/no_config", "test", tmp_path)
+
+
 def test_unknown_split_is_a_user_error(mnist_test, data_dir):
     with pytest.raises(UserError, match=r"split 'validation'.*\['test', 'train'\]"):
         data.load_source("mnist", "validation", data_dir)
