@@ -444,6 +444,9 @@ def read_arrays(source: Sequence[Mapping[str, Any]]) -> ArraySource:
 
     Returns:
         An :class:`ArraySource` with the same examples in the same order.
+
+    Raises:
+        UserError: the source is empty.
     """
     if isinstance(source, ArraySource):
         return source
