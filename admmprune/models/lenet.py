@@ -75,6 +75,7 @@ class LeNet5(nnx.Module):
         h, w = _pooled_size(_pooled_size(h)), _pooled_size(_pooled_size(w))
         if h < 1 or w < 1:
             raise UserError(f"LeNet5 in_shape {in_shape} is too small; it needs H, W >= 16")
+        self._flat_repeat = h * w
         self._config = {
             "features": features,
             "num_classes": int(num_classes),
@@ -92,10 +93,23 @@ class LeNet5(nnx.Module):
         """The prunable widths ``(conv1, conv2, fc1)``: the ``features`` argument."""
         return self._config["features"]
 
+    #: The constructor argument that :attr:`widths` comes from.
+    widths_arg: ClassVar[str] = "features"
+
     @property
     def config(self) -> dict[str, Any]:
         """Constructor keyword arguments (all but ``rngs``); JSON-serialisable."""
         return dict(self._config)
+
+    @property
+    def chain(self) -> tuple[tuple[str, int], ...]:
+        """Layers in data-flow order with the repeat of their input channels.
+
+        ``fc1`` reads the flattened ``(H, W, conv2)`` map, so each ``conv2``
+        channel is ``H * W`` rows of its kernel. See
+        :func:`admmprune.graph.chain_specs`.
+        """
+        return (("conv1", 1), ("conv2", 1), ("fc1", self._flat_repeat), ("fc2", 1))
 
     def __call__(self, x: jax.typing.ArrayLike) -> jax.Array:
         """Logits of shape ``(B, num_classes)`` for NHWC images ``(B, H, W, C)``."""

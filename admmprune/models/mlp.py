@@ -70,6 +70,15 @@ class MLP(nnx.Module):
         """The prunable widths: the ``hidden`` argument."""
         return self._config["hidden"]
 
+    #: The constructor argument that :attr:`widths` comes from.
+    widths_arg: ClassVar[str] = "hidden"
+
+    @property
+    def chain(self) -> tuple[tuple[str, int], ...]:
+        """Layers in data-flow order with the repeat of their input channels
+        (see :func:`admmprune.graph.chain_specs`)."""
+        return tuple((f"layers/{i}", 1) for i in range(len(self.layers))) + (("head", 1),)
+
     @property
     def config(self) -> dict[str, Any]:
         """Constructor keyword arguments (all but ``rngs``); JSON-serialisable."""

@@ -1,0 +1,104 @@
+"""Channel dependency groups (layer L3).
+
+Structured pruning removes a layer's output channel together with everything
+that acts on that channel: the layer's bias, and the rows of the next layer's
+kernel that read it. Such a set is one *group*, scored jointly and pruned as a
+whole, so that what is pruned can be physically removed.
+
+This module currently supports models that declare their layers as a *chain*
+(each layer feeds the next): :func:`chain_specs` turns the declaration into a
+spec tree of coupled groups. Discovery of groups from a traced program, for
+arbitrary architectures, builds on the same spec tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from admmprune._types import Masks, Params, Specs, path_str
+from admmprune.projections import coupled_groups, groups_alive, num_groups
+from admmprune.sparsity import Channel, Coupled, Filter, is_spec
+
+
+def chain_specs(params: Params, chain: Sequence[tuple[str, int]]) -> Specs:
+    """Coupled filter-pruning specs for a chain of dense/conv layers.
+
+    Every layer but the last has its output channels pruned in a group named
+    after it: its ``kernel`` (last axis) and ``bias``, and the next layer's
+    ``kernel`` input axis (``-2``). The last layer is the output layer: its
+    outputs are never pruned.
+
+    Args:
+      params: the parameters, with ``<layer>/kernel`` and optional
+        ``<layer>/bias`` paths (an NNX ``State`` or a nested dict).
+      chain: ``(layer path, input repeat)`` in data-flow order; ``repeat`` is
+        how many input rows each channel of the previous layer owns (``H * W``
+        for a dense layer that reads a flattened ``(H, W, C)`` map, else 1).
+
+    Returns:
+      A spec tree shaped like ``params``; parameters outside the chain get
+      ``None``.
+
+    Raises:
+      ValueError: if a layer of the chain has no kernel in ``params``.
+    """
+    table: dict[str, Any] = {}
+    names = [name for name, _ in chain]
+    for i, (name, repeat) in enumerate(chain):
+        members = []
+        if i > 0:
+            members.append(Channel(axis=-2, group=names[i - 1], repeat=repeat))
+        if i < len(chain) - 1:
+            members.append(Filter(axis=-1, group=name))
+            table[f"{name}/bias"] = Filter(axis=-1, group=name)
+        table[f"{name}/kernel"] = (
+            None if not members else members[0] if len(members) == 1 else Coupled(tuple(members))
+        )
+
+    found = set()
+
+    def pick(path, leaf):
+        del leaf
+        name = path_str(path)
+        if name in table:
+            found.add(name)
+        return table.get(name)
+
+    specs = jax.tree_util.tree_map_with_path(pick, params)
+    missing = [f"{n}/kernel" for n in names if f"{n}/kernel" not in found]
+    if missing:
+        raise ValueError(f"chain layers without a kernel in the params: {missing}")
+    return specs
+
+
+def group_widths(params: Params, specs: Specs, masks: Masks) -> dict[str, tuple[int, int]]:
+    """``{group: (kept, total)}`` channel counts of every coupled group.
+
+    A channel is kept when every member of its group keeps some weight of it.
+    """
+    flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    leaves = treedef.flatten_up_to(params)
+    flat_masks = treedef.flatten_up_to(masks)
+    out = {}
+    for name, members in coupled_groups(specs).items():
+        alive = None
+        for i, spec in members:
+            a = groups_alive(flat_masks[i], spec)
+            alive = a if alive is None else alive & a
+        out[name] = (int(alive.sum()), num_groups(leaves[members[0][0]].shape, members[0][1]))
+    return out
+
+
+def declared_chain(model: Any) -> Sequence[tuple[str, int]]:
+    """The model's declared chain, or a ``ValueError`` saying it has none."""
+    chain = getattr(model, "chain", None)
+    if chain is None:
+        raise ValueError(f"{type(model).__name__} declares no layer chain")
+    return chain
+
+
+__all__ = ["chain_specs", "declared_chain", "group_widths"]
+
