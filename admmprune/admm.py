@@ -184,11 +184,20 @@ def _is_admm_state(x: Any) -> bool:
     return isinstance(x, AdmmState)
 
 
-def find_state(opt_state: Any) -> AdmmState:
-    """Returns the (single) :class:`AdmmState` inside an optax chain's state."""
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_admm_state) if _is_admm_state(s)]
+def find_state(opt_state: Any, kind: type = AdmmState) -> Any:
+    """Returns the single state of type ``kind`` inside an optax chain's state.
+
+    Args:
+      opt_state: an optimizer state, e.g. of ``optax.chain(admm(...), ...)``.
+      kind: the state type to look for: :class:`AdmmState` (default), or e.g.
+        :class:`admmprune.MaskedState` to read the masks of retraining.
+
+    Raises:
+      ValueError: if there is not exactly one.
+    """
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, kind)) if isinstance(s, kind)]
     if len(found) != 1:
-        raise ValueError(f"expected one AdmmState in the optimizer state, found {len(found)}")
+        raise ValueError(f"expected one {kind.__name__} in the optimizer state, found {len(found)}")
     return found[0]
 
 

@@ -74,21 +74,26 @@ def chain_specs(params: Params, chain: Sequence[tuple[str, int]]) -> Specs:
     return specs
 
 
-def group_widths(params: Params, specs: Specs, masks: Masks) -> dict[str, tuple[int, int]]:
+def group_widths(params: Params, specs: Specs, masks: Masks | None = None) -> dict[str, tuple[int, int]]:
     """``{group: (kept, total)}`` channel counts of every coupled group.
 
-    A channel is kept when every member of its group keeps some weight of it.
+    A channel is kept when every member of its group keeps some weight of it;
+    without ``masks`` every channel is kept.
     """
     flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     leaves = treedef.flatten_up_to(params)
-    flat_masks = treedef.flatten_up_to(masks)
+    flat_masks = None if masks is None else treedef.flatten_up_to(masks)
     out = {}
     for name, members in coupled_groups(specs).items():
-        alive = None
-        for i, spec in members:
-            a = groups_alive(flat_masks[i], spec)
-            alive = a if alive is None else alive & a
-        out[name] = (int(alive.sum()), num_groups(leaves[members[0][0]].shape, members[0][1]))
+        total = num_groups(leaves[members[0][0]].shape, members[0][1])
+        kept = total
+        if flat_masks is not None:
+            alive = None
+            for i, spec in members:
+                a = groups_alive(flat_masks[i], spec)
+                alive = a if alive is None else alive & a
+            kept = int(alive.sum())
+        out[name] = (kept, total)
     return out
 
 

@@ -1,0 +1,89 @@
+"""LeNet-5 on MNIST, pruned with progressive ADMM to structured sparsity.
+
+    python -m admmprune.train --ratio 0.9
+
+Every field is documented here; other configs import this one and override a
+few. Override any field on the command line: ``--config.admm.rho=0.01``.
+"""
+
+from ml_collections import ConfigDict, config_dict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    # Seed of the model's initialization and of every data pipeline.
+    c.seed = 0
+
+    c.model = ConfigDict()
+    # A name from admmprune.models.names(): "lenet5" or "mlp".
+    c.model.name = "lenet5"
+
+    c.data = ConfigDict()
+    # A tfds dataset name; mnist and fashion_mnist are prepared offline on first use.
+    c.data.name = "mnist"
+    # The tfds data directory; None means $TFDS_DATA_DIR or ~/tensorflow_datasets.
+    c.data.data_dir = config_dict.placeholder(str)
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.batch_size = 128
+    c.data.eval_batch_size = 1000
+    # Use only the first N training / evaluation examples (None: all of them).
+    c.data.limit = config_dict.placeholder(int)
+    c.data.eval_limit = config_dict.placeholder(int)
+    # Comma-separated augmentations: "", "random_crop_pad", "flip".
+    c.data.augment = ""
+    # Normalize pixels with the dataset's mean and std (else only scale to [0, 1]).
+    c.data.normalize = True
+
+    # Shared by every training phase: SGD with Nesterov-free momentum.
+    c.optimizer = ConfigDict()
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 5e-4
+
+    # Phase 1: train the dense model.
+    c.dense = ConfigDict()
+    c.dense.epochs = 4
+    c.dense.learning_rate = 0.01
+    # "cosine" (decay to 0 over the phase) or "constant".
+    c.dense.schedule = "cosine"
+
+    c.prune = ConfigDict()
+    # "admm", or "magnitude" (one-shot L2 filter pruning of the dense model,
+    # then fine-tuning for as many epochs as ADMM's stages and retraining take).
+    c.prune.method = "admm"
+    # Fraction of channels (conv filters, dense neurons) removed in every
+    # prunable layer; the output layer is never pruned. --ratio sets it.
+    c.prune.ratio = 0.9
+    # Ratios of the progressive stages, ending at `ratio`; None derives them:
+    # removed fraction 0.5, 0.75, 0.875, ... while below ratio - 0.05, then ratio.
+    c.prune.stages = config_dict.placeholder(tuple)
+
+    # Phase 2 (method "admm"): one ADMM stage per ratio of prune.stages.
+    c.admm = ConfigDict()
+    c.admm.epochs_per_stage = 3
+    c.admm.learning_rate = 0.01
+    c.admm.schedule = "constant"
+    # Initial penalty rho; it carries over from stage to stage.
+    c.admm.rho = 1e-3
+    # "constant", "geometric" (x rho_factor per dual update, up to max_rho) or
+    # "balancing" (residual balancing).
+    c.admm.rho_schedule = "geometric"
+    c.admm.rho_factor = 1.3
+    c.admm.max_rho = 1.0
+    # Steps between the projections/dual updates.
+    c.admm.interval = 100
+
+    # Phase 3: hard prune, then retrain with the masks fixed.
+    c.retrain = ConfigDict()
+    c.retrain.epochs = 5
+    c.retrain.learning_rate = 0.01
+    c.retrain.schedule = "cosine"
+
+    # Log training metrics to metrics.jsonl every N steps.
+    c.log_every = 50
+    # Save a checkpoint every N steps (None: at the end of every epoch), and at
+    # the end of every phase.
+    c.checkpoint_every = config_dict.placeholder(int)
+    # Show progress bars (only on a terminal).
+    c.progress = True
+    return c

@@ -1,0 +1,561 @@
+"""The prune pipeline: dense training, ADMM stages, hard prune, retraining (L5).
+
+``run(config, workdir)`` is what ``python -m admmprune.train`` calls, and what a
+notebook calls. It is the only reader of the config. It writes to ``workdir``:
+
+- ``config.json``: the config of the run (a workdir holds one run);
+- ``plan.txt``: every parameter and its sparsity spec;
+- ``checkpoints/``: orbax checkpoints with the data iterator's position;
+- ``metrics.jsonl``: training metrics every ``log_every`` steps;
+- ``report.json``: the results, written last, atomically.
+
+A rerun of the same command resumes from the latest checkpoint (after a crash
+or ``kill -9``) and ends with the same report as an uninterrupted run; a rerun
+of a finished run says so and changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+import admmprune as ap
+from admmprune import data as data_lib
+from admmprune import graph, measure, models
+from admmprune._errors import UserError
+from admmprune.checkpoint import Checkpointer
+
+METHODS = ("admm", "magnitude")
+SCHEDULES = ("constant", "cosine")
+RHO_SCHEDULES = ("constant", "geometric", "balancing")
+# Config fields that do not change results: a rerun may differ in them.
+_RUNTIME_KEYS = ("progress",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One training phase: ``dense``, ``admm`` (one per stage) or ``retrain``."""
+
+    kind: str
+    epochs: int
+    ratio: float | None = None  # the stage's ratio (admm) or the final one (retrain)
+    stage: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"admm {self.ratio:g}" if self.kind == "admm" else self.kind
+
+
+# --- config ---------------------------------------------------------------------
+
+
+def _positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise UserError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+    return value
+
+
+def _positive_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def check_config(config: ConfigDict) -> tuple[float, ...]:
+    """Validates the config; returns the stage ratios.
+
+    Raises:
+      UserError: naming the first bad field and what it should be.
+    """
+    ratio = config.prune.ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise UserError(f"the pruning ratio must be a number in (0, 1), got {ratio!r}")
+    if config.model.name not in models.names():
+        raise UserError(f"unknown model {config.model.name!r}; choose from {', '.join(models.names())}")
+    if config.prune.method not in METHODS:
+        raise UserError(f"unknown method {config.prune.method!r}; choose from {', '.join(METHODS)}")
+    for phase in ("dense", "admm", "retrain"):
+        if getattr(config, phase).schedule not in SCHEDULES:
+            raise UserError(f"{phase}.schedule must be one of {SCHEDULES}, got {getattr(config, phase).schedule!r}")
+        _positive_float(getattr(config, phase).learning_rate, f"{phase}.learning_rate")
+    if config.admm.rho_schedule not in RHO_SCHEDULES:
+        raise UserError(f"admm.rho_schedule must be one of {RHO_SCHEDULES}, got {config.admm.rho_schedule!r}")
+    _positive_int(config.dense.epochs, "dense.epochs")
+    _positive_int(config.admm.epochs_per_stage, "admm.epochs_per_stage")
+    _positive_int(config.retrain.epochs, "retrain.epochs", allow_zero=True)
+    _positive_int(config.admm.interval, "admm.interval")
+    _positive_int(config.data.batch_size, "data.batch_size")
+    _positive_int(config.data.eval_batch_size, "data.eval_batch_size")
+    _positive_int(config.log_every, "log_every")
+    if config.checkpoint_every is not None:
+        _positive_int(config.checkpoint_every, "checkpoint_every")
+    _positive_float(config.admm.rho, "admm.rho")
+    _positive_float(config.admm.rho_factor, "admm.rho_factor")
+    _positive_float(config.admm.max_rho, "admm.max_rho")
+    try:
+        return ap.stage_ratios(float(ratio), config.prune.stages)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def plan_phases(config: ConfigDict, stages: tuple[float, ...]) -> list[Phase]:
+    """The phases of a run, in order."""
+    phases = [Phase("dense", config.dense.epochs)]
+    if config.prune.method == "admm":
+        phases += [Phase("admm", config.admm.epochs_per_stage, r, i) for i, r in enumerate(stages)]
+        phases.append(Phase("retrain", config.retrain.epochs, stages[-1]))
+    else:  # one-shot magnitude pruning, fine-tuned for the same number of epochs
+        epochs = config.admm.epochs_per_stage * len(stages) + config.retrain.epochs
+        phases.append(Phase("retrain", epochs, stages[-1]))
+    return phases
+
+
+def _comparable(config: ConfigDict) -> dict[str, Any]:
+    d = json.loads(config.to_json_best_effort(sort_keys=True))
+    for key in _RUNTIME_KEYS:
+        d.pop(key, None)
+    return d
+
+
+# --- the workdir ----------------------------------------------------------------
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _claim_workdir(config: ConfigDict, workdir: str) -> dict[str, Any] | None:
+    """Checks the workdir holds this run or none; returns a finished report."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"workdir {workdir} exists and is not a directory")
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            saved = json.load(f)
+        mine = _comparable(config)
+        if saved != mine:
+            diff = sorted(_diff_keys(saved, mine))
+            raise UserError(
+                f"workdir {workdir} holds a run with a different config (differs in: "
+                f"{', '.join(diff[:5])}{', ...' if len(diff) > 5 else ''}); "
+                "use another --workdir, or rerun with the same config to resume"
+            )
+        report_path = os.path.join(workdir, "report.json")
+        if os.path.exists(report_path):
+            with open(report_path) as f:
+                return json.load(f)
+        return None
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        raise UserError(f"workdir {workdir} is not empty and holds no admmprune run; use another --workdir")
+    os.makedirs(workdir, exist_ok=True)
+    _write_json_atomic(config_path, _comparable(config))
+    return None
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+class _MetricsLog:
+    """Appends JSON lines; on resume, drops lines after the restored step."""
+
+    def __init__(self, path: str, resume_step: int | None):
+        self.path = path
+        if os.path.exists(path):
+            keep = []
+            with open(path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut by a crash
+                        continue
+                    if resume_step is not None and record.get("step", 0) <= resume_step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+            with open(path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(path + ".tmp", path)
+        self._file = open(path, "a")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# --- model and optimizers -------------------------------------------------------
+
+
+def _learning_rate(phase_config: ConfigDict, total_steps: int) -> optax.Schedule | float:
+    lr = float(phase_config.learning_rate)
+    if phase_config.schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, max(total_steps, 1))
+    return lr
+
+
+def _sgd(config: ConfigDict, learning_rate) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.add_decayed_weights(config.optimizer.weight_decay),
+        optax.sgd(learning_rate, momentum=config.optimizer.momentum or None),
+    )
+
+
+def _rho_schedule(config: ConfigDict) -> ap.schedules.RhoSchedule:
+    a = config.admm
+    if a.rho_schedule == "geometric":
+        return ap.geometric_rho(a.rho_factor, max_rho=a.max_rho)
+    if a.rho_schedule == "balancing":
+        return ap.residual_balancing_rho(max_rho=a.max_rho)
+    return ap.constant_rho()
+
+
+def _make_tx(config, phase: Phase, specs, steps: int, masks=None) -> optax.GradientTransformation:
+    if phase.kind == "dense":
+        return _sgd(config, _learning_rate(config.dense, steps))
+    if phase.kind == "admm":
+        return optax.chain(
+            ap.admm(specs, rho=config.admm.rho, interval=config.admm.interval, rho_schedule=_rho_schedule(config)),
+            _sgd(config, _learning_rate(config.admm, steps)),
+        )
+    return optax.chain(_sgd(config, _learning_rate(config.retrain, steps)), ap.keep_masked(masks))
+
+
+def _make_train_step(graphdef, tx):
+    def loss_fn(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        logits = model(batch["image"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        return loss, (rest, logits)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(params, rest, opt_state, batch):
+        (loss, (rest, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+        return params, rest, opt_state, {"loss": loss, "accuracy": accuracy}
+
+    return step
+
+
+def _make_eval(graphdef):
+    @jax.jit
+    def correct(params, rest, images, labels):
+        logits = nnx.merge(graphdef, params, rest)(images)
+        return jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.int32))
+
+    return correct
+
+
+# --- the run --------------------------------------------------------------------
+
+
+class _Run:
+    """Everything one run holds; the phases mutate params/rest/opt_state."""
+
+    def __init__(self, config: ConfigDict, workdir: str, stages: tuple[float, ...], log: Callable[[str], None]):
+        self.config, self.workdir, self.stages, self.log = config, workdir, stages, log
+        c = config
+        info = data_lib.dataset_info(c.data.name, c.data.data_dir)
+        self.info = info
+        self.train_source = data_lib.load_source(c.data.name, c.data.train_split, c.data.data_dir)
+        self.eval_source = data_lib.load_source(c.data.name, c.data.eval_split, c.data.data_dir)
+        self.normalize = (info.mean, info.std) if c.data.normalize and info.mean is not None else None
+        kwargs = {"num_classes": info.num_classes, "rngs": nnx.Rngs(c.seed)}
+        if c.model.name == "lenet5":
+            kwargs["in_shape"] = tuple(info.image_shape)
+        else:
+            kwargs["in_features"] = int(np.prod(info.image_shape))
+        self.model = models.get(c.model.name, **kwargs)
+        self.graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
+        self.params, self.rest = params, rest
+        self.specs = graph.chain_specs(params, graph.declared_chain(self.model))
+        n_train = len(self.train_source) if c.data.limit is None else min(c.data.limit, len(self.train_source))
+        self.steps_per_epoch = n_train // jax.process_count() // c.data.batch_size
+        if self.steps_per_epoch < 1:
+            raise UserError(f"data.batch_size {c.data.batch_size} is larger than the {n_train} training examples")
+        self.evaluate_fn = _make_eval(self.graphdef)
+        self.opt_state = None
+        self.masks = None
+
+    # data
+    def loader(self, phase_index: int, epochs: int):
+        c = self.config
+        augment = tuple(a for a in c.data.augment.split(",") if a)
+        return data_lib.make_loader(
+            self.train_source, batch_size=c.data.batch_size, seed=c.seed * 1000 + phase_index + 1,
+            num_epochs=epochs, normalize=self.normalize, augment=augment, limit=c.data.limit,
+        )
+
+    def evaluate(self, params=None) -> float:
+        c = self.config
+        params = self.params if params is None else params
+        loader = data_lib.make_loader(
+            self.eval_source, batch_size=c.data.eval_batch_size, seed=0, shuffle=False,
+            drop_remainder=False, normalize=self.normalize, limit=c.data.eval_limit,
+            shard_index=0, shard_count=1,
+        )
+        correct = total = 0
+        for batch in loader:
+            correct += int(self.evaluate_fn(params, self.rest, batch["image"], batch["label"]))
+            total += len(batch["label"])
+        return correct / total
+
+    def measure(self, widths=None) -> dict[str, Any]:
+        """Params and per-example FLOPs of the model, or of a slimmer rebuild."""
+        model = self.model
+        if widths is not None:
+            cfg = {**self.model.config, type(self.model).widths_arg: tuple(widths)}
+            model = nnx.eval_shape(lambda: models.get(self.config.model.name, **cfg, rngs=nnx.Rngs(0)))
+        _, params, _ = nnx.split(model, nnx.Param, ...)
+        x = jax.ShapeDtypeStruct((1, *self.info.image_shape), jnp.float32)
+        return {"params": measure.count_params(params), "flops": measure.flops(model, x)}
+
+
+def _all_true(specs, params):
+    return jax.tree.map(
+        lambda s, p: None if s is None else jnp.ones(p.shape, jnp.bool_), specs, params, is_leaf=ap.sparsity.is_spec
+    )
+
+
+def _finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def run(config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Runs (or resumes, or reports as finished) the pipeline of ``config``.
+
+    Args:
+      config: a config like ``admmprune/configs/default.py``'s.
+      workdir: the run's directory; created if missing.
+      log: where the summary lines go (default: print to stdout).
+
+    Returns:
+      The report dict, as written to ``workdir/report.json``.
+
+    Raises:
+      UserError: for a bad config, a workdir that holds another run, data
+        that cannot be had, or a loss that became NaN or infinite.
+    """
+    log = log or (lambda line: print(line, flush=True))
+    stages = check_config(config)
+    workdir = os.path.abspath(workdir)
+    finished = _claim_workdir(config, workdir)
+    if finished is not None:
+        log(f"run in {workdir} is complete: {os.path.join(workdir, 'report.json')}")
+        return finished
+
+    t_start = time.perf_counter()
+    r = _Run(config, workdir, stages, log)
+    phases = plan_phases(config, stages)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "plan.txt"), "w") as f:
+            f.write(ap.format_plan(r.params, r.specs) + "\n")
+    groups = graph.group_widths(r.params, r.specs)
+    log(
+        f"{config.model.name} on {config.data.name}, method {config.prune.method}, ratio {config.prune.ratio:g}, "
+        f"stages {' -> '.join(f'{s:g}' for s in stages)}; pruned groups "
+        + ", ".join(f"{g} ({t})" for g, (_, t) in groups.items())
+    )
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    report: dict[str, Any] = {
+        "model": config.model.name,
+        "dataset": config.data.name,
+        "method": config.prune.method,
+        "ratio": float(config.prune.ratio),
+        "stage_ratios": list(stages),
+        "dense": None,
+        "pruned": None,
+        "layers": None,
+        "stages": [],
+        "retrain": None,
+    }
+    start_phase, start_step, elapsed_before, data_state = 0, 0, 0.0, None
+    latest = ckpt.latest_step()
+    if latest is not None:
+        meta = ckpt.restore_metadata()
+        start_phase, start_step = meta["phase"], meta["phase_step"]
+        report, elapsed_before = meta["report"], meta["elapsed"]
+        log(f"resuming from checkpoint step {latest} ({phases[start_phase].name}, step {start_step})")
+    metrics = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), latest if latest is not None else 0)
+    global_step = latest or 0
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_start
+
+    def save(phase_index: int, phase_step: int, step: int, data_state) -> None:
+        if ckpt.latest_step() is not None and ckpt.latest_step() >= step:
+            return
+        if not _finite(r.params):
+            raise UserError(
+                f"the parameters are not finite at step {step}; stopped, and the last good "
+                f"checkpoint stays in {workdir}: lower the learning rate or rho and use a new --workdir"
+            )
+        state = {"params": r.params, "rest": r.rest, "opt_state": r.opt_state}
+        meta = {"phase": phase_index, "phase_step": phase_step, "report": report, "elapsed": elapsed(),
+                "widths": list(r.model.widths)}
+        ckpt.save(step, state, data_state=data_state, metadata=meta)
+
+    try:
+        for i, phase in enumerate(phases):
+            if i < start_phase:
+                continue
+            steps = phase.epochs * r.steps_per_epoch
+            resuming = i == start_phase and latest is not None
+            t_phase = elapsed()
+            # The masks live in keep_masked's state, so all-True ones give the same step.
+            tx = _make_tx(config, phase, r.specs, steps, _all_true(r.specs, r.params))
+            if resuming:
+                target = {"params": r.params, "rest": r.rest, "opt_state": jax.eval_shape(tx.init, r.params)}
+                restored = ckpt.restore(_abstract_like(target))
+                r.params, r.rest, r.opt_state = (restored.state[k] for k in ("params", "rest", "opt_state"))
+                data_state = restored.data_state
+                if phase.kind == "retrain":
+                    r.masks = ap.find_state(r.opt_state, ap.MaskedState).masks
+                if start_step >= steps:  # the phase had ended: on to the next one
+                    continue
+            else:
+                _begin_phase(r, phase, phases, i, config)
+            global_step = _train_phase(r, i, phase, tx, steps, start_step if resuming else 0, data_state,
+                                       global_step, metrics, save, elapsed)
+            _finish_phase(r, phase, report, elapsed() - t_phase)
+            save(i, steps, global_step, None)
+    finally:
+        metrics.close()
+        ckpt.close()
+
+    pruned_eval = report["retrain"]["accuracy"]
+    r.masks = ap.find_state(r.opt_state, ap.MaskedState).masks  # the step donated the old buffers
+    widths = graph.group_widths(r.params, r.specs, r.masks)
+    dense_m = r.measure()
+    slim_m = r.measure([widths[name][0] for name, _ in graph.declared_chain(r.model)[:-1]])
+    report["pruned"] = {"accuracy": pruned_eval, **slim_m}
+    report["dense"].update(dense_m)
+    report["layers"] = {g: {"kept": k, "total": t} for g, (k, t) in widths.items()}
+    report["params_removed"] = 1 - slim_m["params"] / dense_m["params"]
+    report["flops_removed"] = 1 - slim_m["flops"] / dense_m["flops"]
+    report["seconds"] = elapsed()
+    report["machine"] = {"platform": platform.platform(), "jax": jax.__version__,
+                         "devices": f"{jax.devices()[0].platform} x{jax.device_count()}"}
+    report["date"] = datetime.date.today().isoformat()
+    if jax.process_index() == 0:
+        _write_json_atomic(os.path.join(workdir, "report.json"), report)
+    log(
+        f"done: accuracy {100 * pruned_eval:.2f}% (dense {100 * report['dense']['accuracy']:.2f}%), "
+        f"params -{100 * report['params_removed']:.1f}%, FLOPs -{100 * report['flops_removed']:.1f}%, "
+        f"{report['seconds']:.0f}s -> {os.path.join(workdir, 'report.json')}"
+    )
+    return report
+
+
+def _abstract_like(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _begin_phase(r: _Run, phase: Phase, phases: list[Phase], i: int, config) -> None:
+    """The transition into phase ``i``: new optimizer state, stage edit, hard prune."""
+    prev = phases[i - 1] if i else None
+    steps = phase.epochs * r.steps_per_epoch
+    if phase.kind == "dense":
+        r.opt_state = _make_tx(config, phase, r.specs, steps).init(r.params)
+    elif phase.kind == "admm":
+        if prev is None or prev.kind != "admm":
+            r.opt_state = _make_tx(config, phase, r.specs, steps).init(r.params)
+        r.opt_state = ap.set_stage(r.opt_state, 1.0 - phase.ratio)
+    else:  # retrain: hard prune, then train with the masks fixed
+        support = ap.find_state(r.opt_state).support if prev is not None and prev.kind == "admm" else None
+        r.params, r.masks = ap.hard_prune(r.params, r.specs, 1.0 - phase.ratio, support=support)
+        r.opt_state = _make_tx(config, phase, r.specs, steps, r.masks).init(r.params)
+
+
+def _finish_phase(r: _Run, phase: Phase, report: dict[str, Any], t: float) -> None:
+    """Evaluates the phase's result, adds it to the report and logs one line."""
+    if phase.kind == "dense":
+        acc = r.evaluate()
+        report["dense"] = {"accuracy": acc, "seconds": t}
+        r.log(f"dense     {phase.epochs} epochs  accuracy {100 * acc:.2f}%  [{t:.0f}s]")
+    elif phase.kind == "admm":
+        state = ap.find_state(r.opt_state)
+        pruned, _ = ap.hard_prune(r.params, r.specs, 1.0 - phase.ratio, support=state.support)
+        acc, admm_acc = r.evaluate(pruned), r.evaluate()
+        res = ap.residuals(state)
+        rho = [float(x) for x in jax.tree.leaves(state.rho)]
+        report["stages"].append({
+            "ratio": phase.ratio, "accuracy": acc, "admm_accuracy": admm_acc,
+            "primal_residual": res["primal_residual"], "dual_residual": res["dual_residual"],
+            "rho": max(rho), "seconds": t,
+        })
+        r.log(f"admm {phase.ratio:<4g} {phase.epochs} epochs  accuracy {100 * acc:.2f}% pruned "
+              f"({100 * admm_acc:.2f}% before)  primal residual {res['primal_residual']:.4f}  rho {max(rho):.3g}  [{t:.0f}s]")
+    else:
+        acc = r.evaluate()
+        report["retrain"] = {"epochs": phase.epochs, "accuracy": acc, "seconds": t}
+        r.log(f"retrain   {phase.epochs} epochs  accuracy {100 * acc:.2f}%  [{t:.0f}s]")
+
+
+def _train_phase(r: _Run, i, phase: Phase, tx, steps, start_step, data_state, global_step, metrics, save, elapsed) -> int:
+    config = r.config
+    if steps == 0:
+        return global_step
+    step_fn = _make_train_step(r.graphdef, tx)
+    it = iter(r.loader(i, phase.epochs))
+    if start_step and data_state is not None:
+        it.set_state(data_state)
+    every = config.checkpoint_every or r.steps_per_epoch
+    bar = tqdm(total=steps, initial=start_step, desc=phase.name, disable=not config.progress or None,
+               leave=False, file=sys.stderr, dynamic_ncols=True)
+    phase_step = start_step
+    try:
+        for batch in it:
+            r.params, r.rest, r.opt_state, m = step_fn(r.params, r.rest, r.opt_state, batch)
+            phase_step += 1
+            global_step += 1
+            bar.update(1)
+            if phase_step % config.log_every == 0 or phase_step == steps:
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    raise UserError(
+                        f"the loss became {loss} at step {global_step} ({phase.name}); stopped, and the last "
+                        f"good checkpoint stays in {r.workdir}: lower the learning rate or rho and use a new --workdir"
+                    )
+                record = {"step": global_step, "phase": phase.name, "loss": loss, "accuracy": float(m["accuracy"])}
+                if phase.kind == "admm":
+                    record.update(ap.residuals(ap.find_state(r.opt_state)))
+                metrics.write(record)
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if phase_step % every == 0 and phase_step < steps:
+                if not math.isfinite(float(m["loss"])):
+                    raise UserError(f"the loss became {float(m['loss'])} at step {global_step} ({phase.name}); stopped")
+                save(i, phase_step, global_step, it.get_state())
+    finally:
+        bar.close()
+    return global_step
