@@ -80,7 +80,7 @@ def group_widths(params: Params, specs: Specs, masks: Masks | None = None) -> di
     A channel is kept when every member of its group keeps some weight of it;
     without ``masks`` every channel is kept.
     """
-    flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    _flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     leaves = treedef.flatten_up_to(params)
     flat_masks = None if masks is None else treedef.flatten_up_to(masks)
     out = {}

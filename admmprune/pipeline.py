@@ -286,8 +286,9 @@ class _Run:
         c = config
         info = data_lib.dataset_info(c.data.name, c.data.data_dir)
         self.info = info
-        self.train_source = data_lib.load_source(c.data.name, c.data.train_split, c.data.data_dir)
-        self.eval_source = data_lib.load_source(c.data.name, c.data.eval_split, c.data.data_dir)
+        # A limit reads only that slice of the split (tfds slicing), not all of it.
+        self.train_source = data_lib.load_source(c.data.name, _sliced(c.data.train_split, c.data.limit), c.data.data_dir)
+        self.eval_source = data_lib.load_source(c.data.name, _sliced(c.data.eval_split, c.data.eval_limit), c.data.data_dir)
         self.normalize = (info.mean, info.std) if c.data.normalize and info.mean is not None else None
         kwargs = {"num_classes": info.num_classes, "rngs": nnx.Rngs(c.seed)}
         if c.model.name == "lenet5":
@@ -298,7 +299,7 @@ class _Run:
         self.graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
         self.params, self.rest = params, rest
         self.specs = graph.chain_specs(params, graph.declared_chain(self.model))
-        n_train = len(self.train_source) if c.data.limit is None else min(c.data.limit, len(self.train_source))
+        n_train = len(self.train_source)
         self.steps_per_epoch = n_train // jax.process_count() // c.data.batch_size
         if self.steps_per_epoch < 1:
             raise UserError(f"data.batch_size {c.data.batch_size} is larger than the {n_train} training examples")
@@ -312,7 +313,7 @@ class _Run:
         augment = tuple(a for a in c.data.augment.split(",") if a)
         return data_lib.make_loader(
             self.train_source, batch_size=c.data.batch_size, seed=c.seed * 1000 + phase_index + 1,
-            num_epochs=epochs, normalize=self.normalize, augment=augment, limit=c.data.limit,
+            num_epochs=epochs, normalize=self.normalize, augment=augment,
         )
 
     def evaluate(self, params=None) -> float:
@@ -320,8 +321,7 @@ class _Run:
         params = self.params if params is None else params
         loader = data_lib.make_loader(
             self.eval_source, batch_size=c.data.eval_batch_size, seed=0, shuffle=False,
-            drop_remainder=False, normalize=self.normalize, limit=c.data.eval_limit,
-            shard_index=0, shard_count=1,
+            drop_remainder=False, normalize=self.normalize, shard_index=0, shard_count=1,
         )
         correct = total = 0
         for batch in loader:
@@ -338,6 +338,14 @@ class _Run:
         _, params, _ = nnx.split(model, nnx.Param, ...)
         x = jax.ShapeDtypeStruct((1, *self.info.image_shape), jnp.float32)
         return {"params": measure.count_params(params), "flops": measure.flops(model, x)}
+
+
+def _sliced(split: str, limit: int | None) -> str:
+    if limit is None:
+        return split
+    if "[" in split:
+        raise UserError(f"data.limit cannot be combined with the sliced split {split!r}; slice the split instead")
+    return f"{split}[:{limit}]"
 
 
 def _all_true(specs, params):
@@ -368,13 +376,14 @@ def run(config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None =
     log = log or (lambda line: print(line, flush=True))
     stages = check_config(config)
     workdir = os.path.abspath(workdir)
+    t_start = time.perf_counter()
+    # Data and model first: a run that cannot start must not claim the workdir.
+    r = _Run(config, workdir, stages, log)
     finished = _claim_workdir(config, workdir)
     if finished is not None:
         log(f"run in {workdir} is complete: {os.path.join(workdir, 'report.json')}")
         return finished
 
-    t_start = time.perf_counter()
-    r = _Run(config, workdir, stages, log)
     phases = plan_phases(config, stages)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "plan.txt"), "w") as f:

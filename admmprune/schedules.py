@@ -8,6 +8,7 @@ Because it runs inside the jitted step it must use ``jnp`` operations only.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -94,7 +95,7 @@ def stage_ratios(target: float, stages: Sequence[float] | None = None) -> tuple[
         stages = tuple(float(s) for s in stages)
         if not stages or any(not 0.0 < s < 1.0 for s in stages):
             raise ValueError(f"stages must be ratios in (0, 1), got {list(stages)}")
-        if any(b <= a for a, b in zip(stages, stages[1:])):
+        if any(b <= a for a, b in itertools.pairwise(stages)):
             raise ValueError(f"stages must be strictly increasing, got {list(stages)}")
         if abs(stages[-1] - target) > 1e-9:
             raise ValueError(f"the last stage {stages[-1]} must equal the ratio {target}")

@@ -256,11 +256,11 @@ def format_plan(params: Params, specs: Specs) -> str:
 
 
 __all__ = [
+    "DEFAULT_RULES",
     "Block",
     "Channel",
     "Column",
     "Coupled",
-    "DEFAULT_RULES",
     "Filter",
     "NofM",
     "Spec",

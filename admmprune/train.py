@@ -53,7 +53,7 @@ def load_config(spec: str) -> ConfigDict:
     try:
         module_spec.loader.exec_module(module)
         config = module.get_config()
-    except Exception as e:  # the user's file: report it in one line
+    except Exception as e:  # noqa: BLE001 - the user's file, whatever it raises: one line
         raise UserError(f"config {path} failed to load: {type(e).__name__}: {e}") from None
     if not isinstance(config, ConfigDict):
         raise UserError(f"get_config() in {path} must return an ml_collections.ConfigDict")
@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         config, workdir = parse_args(argv)
+        from absl import logging as absl_logging
+
+        # tfds logs absl warnings (no OpenCV, a variant folder without info) that
+        # are not actionable here.
+        absl_logging.set_verbosity(absl_logging.ERROR)
         from admmprune import pipeline  # heavy imports after argument errors
 
         pipeline.run(config, workdir)

@@ -18,12 +18,10 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
-
-import admmprune as ap
 from flax import nnx
 
+import admmprune as ap
 from admmprune import models
 
 

@@ -7,7 +7,6 @@ import optax
 import pytest
 
 import admmprune as ap
-from admmprune import projections as P
 
 
 def small_params(key=0):
@@ -45,7 +44,7 @@ def test_penalty_gradient_matches_autodiff():
     # Move W, Z and U away from their initial values, then look at one step
     # that has no dual update (count 5 -> 6).
     sgd = optax.chain(tx, optax.sgd(0.1))
-    _, st, hist = run_steps(sgd, params, sgd.init(params), 5, grads_fn=lambda p: jax.tree.map(jnp.sin, p))
+    _, _st, hist = run_steps(sgd, params, sgd.init(params), 5, grads_fn=lambda p: jax.tree.map(jnp.sin, p))
     params, state = hist[-1][0], hist[-1][1][0]
     assert int(state.count) == 5 and any(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(state.u))
 
@@ -106,7 +105,7 @@ def test_missing_params_is_a_clear_error():
 def rho_after(schedule, n_updates, grads_fn):
     params = small_params()
     tx = optax.chain(ap.admm(SPECS, rho=0.01, keep_ratio=0.5, interval=2, rho_schedule=schedule), optax.sgd(0.01))
-    _, state, hist = run_steps(tx, params, tx.init(params), 2 * n_updates + 1, grads_fn)
+    _, _state, hist = run_steps(tx, params, tx.init(params), 2 * n_updates + 1, grads_fn)
     return [float(s[0].rho["hidden"]["kernel"]) for _, s in hist], hist
 
 
@@ -127,7 +126,7 @@ def test_residual_balancing_moves_rho_both_ways():
     assert float(sched(rho, jnp.float32(0.01), jnp.float32(1.0))) == pytest.approx(1 / 3)
     assert float(sched(rho, jnp.float32(1.0), jnp.float32(0.5))) == 1.0
     # In a run, a large primal residual with a still Z drives rho up.
-    rhos, hist = rho_after(sched, 2, lambda p: jax.tree.map(lambda w: -w, p))
+    rhos, _hist = rho_after(sched, 2, lambda p: jax.tree.map(lambda w: -w, p))
     assert rhos[-1] > rhos[0]
 
 
@@ -212,7 +211,7 @@ def test_admm_on_a_toy_regression_converges_and_ends_feasible():
     residual = ap.residuals(ap.find_state(state))
     first = float(hist[15][1][0].primal_residual["w"])
     assert residual["primal_residual"] < 0.01 < first
-    pruned, masks = ap.hard_prune(params, specs, 4 / 12, support=ap.find_state(state).support)
+    pruned, _masks = ap.hard_prune(params, specs, 4 / 12, support=ap.find_state(state).support)
     rows = np.asarray(jnp.any(pruned["w"] != 0, axis=1))
     assert rows.sum() <= 4
     np.testing.assert_array_equal(rows[:4], True)  # it found the true support
@@ -221,7 +220,7 @@ def test_admm_on_a_toy_regression_converges_and_ends_feasible():
 
 def test_keep_masked_holds_zeros_exactly():
     params = small_params()
-    pruned, masks = ap.hard_prune(params, SPECS, 0.5)
+    _pruned, masks = ap.hard_prune(params, SPECS, 0.5)
     assert masks["out"]["bias"] is None
     assert ap.mask_sparsity(masks) == pytest.approx(0.5)
     tx = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.1, momentum=0.9), ap.keep_masked(masks))
@@ -261,6 +260,6 @@ def test_works_on_an_nnx_state():
 
     for _ in range(5):
         params, state = step(params, state)
-    pruned, masks = ap.hard_prune(params, specs, 0.25)
+    pruned, _masks = ap.hard_prune(params, specs, 0.25)
     kernel = np.asarray(nnx.to_pure_dict(pruned)["fc1"]["kernel"])
     assert np.count_nonzero(kernel.any(0)) == 4

@@ -14,12 +14,6 @@ MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """One tfds data dir per session: MNIST and Fashion-MNIST are prepared once."""
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="session")
 def mnist_test(data_dir):
     return data.load_source("mnist", "test", data_dir)
 

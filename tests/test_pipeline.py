@@ -1,0 +1,214 @@
+"""The pipeline through its real CLI entry point, on the smoke config."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from admmprune import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
+TIMING_KEYS = {"seconds", "date", "machine"}
+
+
+def cli(*args, data_dir, timeout=300):
+    cmd = [sys.executable, "-m", "admmprune.train", "--config", SMOKE, f"--config.data.data_dir={data_dir}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+
+
+def strip_timing(obj):
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
+
+
+def snapshot(directory):
+    """Every file under ``directory`` with its size and mtime."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            p = os.path.join(root, f)
+            st = os.stat(p)
+            out[os.path.relpath(p, directory)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_dir):
+    workdir = str(tmp_path_factory.mktemp("smoke") / "run")
+    t0 = time.perf_counter()
+    result = cli("--workdir", workdir, data_dir=data_dir)
+    seconds = time.perf_counter() - t0
+    assert result.returncode == 0, result.stderr
+    with open(os.path.join(workdir, "report.json")) as f:
+        report = json.load(f)
+    return workdir, report, result, seconds
+
+
+def test_smoke_pipeline_writes_a_complete_report(smoke_run):
+    _workdir, report, result, _ = smoke_run
+    assert report["model"] == "lenet5" and report["dataset"] == "mnist" and report["method"] == "admm"
+    assert report["ratio"] == 0.9
+    assert [s["ratio"] for s in report["stages"]] == [0.5, 0.75, 0.9]
+    for stage in report["stages"]:
+        assert 0 <= stage["accuracy"] <= 1 and stage["primal_residual"] >= 0 and stage["seconds"] > 0
+    assert report["dense"]["params"] == 431_080
+    # 0.9 of every prunable layer's channels removed: 20 -> 2, 50 -> 5, 500 -> 50.
+    assert report["layers"] == {
+        "conv1": {"kept": 2, "total": 20},
+        "conv2": {"kept": 5, "total": 50},
+        "fc1": {"kept": 50, "total": 500},
+    }
+    # The slim LeNet-5 (2, 5, 50): 52 + 255 + 4,050 + 510 parameters.
+    assert report["pruned"]["params"] == 4_867
+    assert 0 < report["pruned"]["flops"] < 0.05 * report["dense"]["flops"]
+    assert report["dense"]["accuracy"] > 0.5  # a real model learned on real MNIST
+    assert 0 <= report["pruned"]["accuracy"] <= 1
+    # One summary line per phase and stage.
+    lines = result.stdout.splitlines()
+    for prefix in ("dense", "admm 0.5 ", "admm 0.75", "admm 0.9 ", "retrain", "done:"):
+        assert sum(line.startswith(prefix) for line in lines) == 1, prefix
+    assert "Traceback" not in result.stderr
+
+
+def test_smoke_pipeline_writes_metrics_plan_and_checkpoints(smoke_run):
+    workdir, _, _, _ = smoke_run
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) > 10
+    assert {r["phase"] for r in records} == {"dense", "admm 0.5", "admm 0.75", "admm 0.9", "retrain"}
+    assert all("primal_residual" in r for r in records if r["phase"].startswith("admm"))
+    with open(os.path.join(workdir, "plan.txt")) as f:
+        plan = f.read()
+    assert "conv2/kernel" in plan and "fc2/bias" in plan
+    assert os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_smoke_pipeline_is_fast(smoke_run):
+    # The budget is 60 s on 2 cores; this machine may be shared, so allow slack.
+    assert smoke_run[3] < 120
+
+
+def test_rerun_of_a_finished_run_changes_nothing(smoke_run, data_dir):
+    workdir = smoke_run[0]
+    before = snapshot(workdir)
+    result = cli("--workdir", workdir, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "complete" in result.stdout
+    assert snapshot(workdir) == before
+
+
+def test_kill_and_resume_gives_the_same_report(smoke_run, tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "admmprune.train", "--config", SMOKE, f"--config.data.data_dir={data_dir}",
+           "--workdir", workdir]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Wait for a checkpoint saved inside an ADMM stage, then kill -9.
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    deadline = time.time() + 240
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+        if steps and steps[-1] > 40:  # dense is 32 steps; the first stage ends at 48
+            os.kill(proc.pid, signal.SIGKILL)
+            killed_at = steps[-1]
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None, "the run ended before it could be killed"
+    assert not os.path.exists(os.path.join(workdir, "report.json"))
+
+    result = cli("--workdir", workdir, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from checkpoint" in result.stdout
+    with open(os.path.join(workdir, "report.json")) as f:
+        resumed = json.load(f)
+    assert strip_timing(resumed) == strip_timing(smoke_run[1])
+
+
+# --- bad input: one line, exit code 2, nothing overwritten ----------------------
+
+
+def run_main(args, capsys):
+    code = train.main(["--config", SMOKE, *args])
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ratio", "1.5"], "ratio must be a number in (0, 1)"),
+        (["--ratio", "0"], "ratio must be a number in (0, 1)"),
+        (["--ratio", "abc"], "--ratio must be a number"),
+        (["--stages", "0.5,0.4,0.9"], "strictly increasing"),
+        (["--stages", "0.5,0.75"], "must equal the ratio"),
+        (["--config.model.name=resnet999"], "unknown model 'resnet999'"),
+        (["--method", "prayer"], "unknown method 'prayer'"),
+        (["--config.no.such=1"], "unknown config key 'no.such'"),
+        (["--config.admm.rho=fast"], "bad value 'fast' for config key 'admm.rho'"),
+        (["--config", "no/such/config.py"], "no config file"),
+        (["--bogus"], "unrecognized argument"),
+    ],
+)
+def test_bad_arguments(args, message, capsys, tmp_path):
+    workdir = tmp_path / "w"
+    code, err = run_main([*args, "--workdir", str(workdir)], capsys)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert not workdir.exists()
+
+
+def test_unknown_dataset_fails_fast_without_claiming_the_workdir(capsys, tmp_path, data_dir):
+    workdir = tmp_path / "w"
+    t0 = time.perf_counter()
+    code, err = run_main(["--config.data.name=no_such_dataset", f"--config.data.data_dir={data_dir}",
+                          "--workdir", str(workdir)], capsys)
+    assert code == 2 and "no_such_dataset" in err
+    assert time.perf_counter() - t0 < 10
+    assert not workdir.exists()
+
+
+def test_workdir_with_another_config_is_refused_untouched(smoke_run, capsys, data_dir):
+    workdir = smoke_run[0]
+    before = snapshot(workdir)
+    code, err = run_main([f"--config.data.data_dir={data_dir}", "--ratio", "0.5", "--workdir", workdir], capsys)
+    assert code == 2 and "different config" in err and "prune.ratio" in err
+    assert snapshot(workdir) == before
+
+
+def test_foreign_nonempty_workdir_is_refused(capsys, tmp_path, data_dir):
+    (tmp_path / "thesis.tex").write_text("precious")
+    code, err = run_main([f"--config.data.data_dir={data_dir}", "--workdir", str(tmp_path)], capsys)
+    assert code == 2 and "not empty" in err
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    workdir = str(tmp_path / "run")
+    # The dense phase trains normally; the first ADMM stage diverges.
+    result = cli("--workdir", workdir, "--config.admm.learning_rate=1e6", data_dir=data_dir)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "loss became" in result.stderr and "nan" in result.stderr.lower() or "inf" in result.stderr
+    assert not os.path.exists(os.path.join(workdir, "report.json"))
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps and steps[-1] == 32  # the end of the dense phase
+
+
+def test_help_explains_the_ratio_and_stages(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "fraction of channels removed" in out
+    assert "0.9 -> 0.5, 0.75, 0.9" in out
