@@ -213,7 +213,8 @@ def set_stage(opt_state: Any, keep_ratio: float | Scalars, *, rho: float | Scala
       opt_state: the optimizer state that contains an :class:`AdmmState` (the
         whole chain's state is fine).
       keep_ratio: the new stage's fraction of groups kept, scalar or tree.
-      rho: optionally reset rho (scalar or tree); by default it carries on.
+      rho: optionally reset rho (scalar or tree), rescaling ``U`` to match; by
+        default rho carries on from the last stage.
 
     Returns:
       The optimizer state with the :class:`AdmmState` replaced.
@@ -238,11 +239,18 @@ def set_stage(opt_state: Any, keep_ratio: float | Scalars, *, rho: float | Scala
             s.support,
             is_leaf=is_none,
         )
-        return s._replace(
-            keep_ratio=like(keep_ratio, s.keep_ratio),
-            rho=s.rho if rho is None else like(rho, s.rho),
-            support=support,
-        )
+        new_rho, u = s.rho, s.u
+        if rho is not None:
+            new_rho = like(rho, s.rho)
+            # U is the dual variable divided by rho: rescale it with rho.
+            u = jax.tree.map(
+                lambda r0, r1, u: None if r0 is None else u * (r0 / r1).astype(u.dtype),
+                s.rho,
+                new_rho,
+                s.u,
+                is_leaf=is_none,
+            )
+        return s._replace(keep_ratio=like(keep_ratio, s.keep_ratio), rho=new_rho, u=u, support=support)
 
     return jax.tree.map(edit, opt_state, is_leaf=_is_admm_state)
 

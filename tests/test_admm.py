@@ -263,3 +263,16 @@ def test_works_on_an_nnx_state():
     pruned, _masks = ap.hard_prune(params, specs, 0.25)
     kernel = np.asarray(nnx.to_pure_dict(pruned)["fc1"]["kernel"])
     assert np.count_nonzero(kernel.any(0)) == 4
+
+
+def test_set_stage_can_reset_rho_and_rescales_u():
+    params = small_params()
+    tx = ap.admm(SPECS, rho=0.5, keep_ratio=0.5, interval=1)
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, jax.tree.map(lambda w: w + 0.1, params))
+    new = ap.set_stage(state, 0.25, rho=2.0)
+    assert float(new.rho["hidden"]["kernel"]) == 2.0
+    np.testing.assert_allclose(new.u["hidden"]["kernel"], state.u["hidden"]["kernel"] * 0.25, rtol=1e-6)
+    assert float(new.keep_ratio["out"]["kernel"]) == 0.25
+    assert new.rho["out"]["bias"] is None
