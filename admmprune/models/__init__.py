@@ -3,6 +3,15 @@
 Models:
     ``"lenet5"``: :class:`LeNet5`, output layer ``fc2``.
     ``"mlp"``: :class:`MLP`, output layer ``head``.
+    ``"vgg11"``, ``"vgg16"``, ``"vgg19"``: CIFAR VGGs with BatchNorm
+    (:mod:`~admmprune.models.vgg`), output layer ``head``.
+    ``"resnet20"``, ``"resnet32"``, ``"resnet56"``, ``"resnet110"``: CIFAR
+    ResNets; ``"resnet18"``, ``"resnet50"``: ImageNet ResNets
+    (:mod:`~admmprune.models.resnet`), output layer ``head``.
+
+The convnets with BatchNorm follow ``model.train()`` / ``model.eval()``, take
+``in_shape=(H, W, C)`` and list one width per conv in ``widths`` (with
+``width_layers`` naming the conv of each entry).
 
 Each model class has ``output_layer`` (the name of the logits layer, whose
 outputs must never be pruned), and each instance has ``widths`` (its prunable
@@ -19,10 +28,24 @@ from flax import nnx
 from admmprune._errors import UserError
 from admmprune.models.lenet import LeNet5
 from admmprune.models.mlp import MLP
+from admmprune.models.resnet import ResNet18, ResNet20, ResNet32, ResNet50, ResNet56, ResNet110
+from admmprune.models.vgg import VGG11, VGG16, VGG19
 
 __all__ = ["MLP", "LeNet5", "apply_fn", "get", "name_of", "names"]
 
-_REGISTRY: dict[str, type[nnx.Module]] = {"lenet5": LeNet5, "mlp": MLP}
+_REGISTRY: dict[str, type[nnx.Module]] = {
+    "lenet5": LeNet5,
+    "mlp": MLP,
+    "vgg11": VGG11,
+    "vgg16": VGG16,
+    "vgg19": VGG19,
+    "resnet20": ResNet20,
+    "resnet32": ResNet32,
+    "resnet56": ResNet56,
+    "resnet110": ResNet110,
+    "resnet18": ResNet18,
+    "resnet50": ResNet50,
+}
 
 
 def names() -> tuple[str, ...]:
