@@ -8,6 +8,10 @@ Models:
     ``"resnet20"``, ``"resnet32"``, ``"resnet56"``, ``"resnet110"``: CIFAR
     ResNets; ``"resnet18"``, ``"resnet50"``: ImageNet ResNets
     (:mod:`~admmprune.models.resnet`), output layer ``head``.
+    ``"mobilenetv2"``: :class:`~admmprune.models.mobilenet.MobileNetV2`,
+    output layer ``head``.
+    ``"unet"``: :class:`~admmprune.models.unet.UNet` (per-pixel logits
+    ``(B, H, W, num_classes)``), output layer ``head``.
 
 The convnets with BatchNorm follow ``model.train()`` / ``model.eval()``, take
 ``in_shape=(H, W, C)`` and list one width per conv in ``widths`` (with
@@ -28,7 +32,9 @@ from flax import nnx
 from admmprune._errors import UserError
 from admmprune.models.lenet import LeNet5
 from admmprune.models.mlp import MLP
+from admmprune.models.mobilenet import MobileNetV2
 from admmprune.models.resnet import ResNet18, ResNet20, ResNet32, ResNet50, ResNet56, ResNet110
+from admmprune.models.unet import UNet
 from admmprune.models.vgg import VGG11, VGG16, VGG19
 
 __all__ = ["MLP", "LeNet5", "apply_fn", "get", "name_of", "names"]
@@ -45,6 +51,8 @@ _REGISTRY: dict[str, type[nnx.Module]] = {
     "resnet110": ResNet110,
     "resnet18": ResNet18,
     "resnet50": ResNet50,
+    "mobilenetv2": MobileNetV2,
+    "unet": UNet,
 }
 
 
