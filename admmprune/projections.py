@@ -44,8 +44,18 @@ from admmprune.sparsity import (
 
 
 def _channel_layout(shape: Sequence[int], spec: Any) -> tuple[int, int, int]:
+    """``(axis, repeat, C)``: ``C`` counts all channels of the axis, also
+    those outside the spec's ``offset``/``size`` slice."""
     axis = spec.axis % len(shape)
     return axis, spec.repeat, shape[axis] // spec.repeat
+
+
+def _channel_slice(spec: Any, channels: int) -> slice:
+    return slice(spec.offset, channels if spec.size is None else spec.offset + spec.size)
+
+
+def _is_sliced(spec: Any) -> bool:
+    return isinstance(spec, CHANNEL_SPECS) and (spec.offset != 0 or spec.size is not None)
 
 
 def _block_sizes(shape: Sequence[int], spec: Block) -> list[int]:
@@ -59,7 +69,8 @@ def num_groups(shape: Sequence[int], spec: Spec) -> int:
     if isinstance(spec, Unstructured):
         return math.prod(shape)
     if isinstance(spec, CHANNEL_SPECS):
-        return _channel_layout(shape, spec)[2]
+        channels = _channel_layout(shape, spec)[2]
+        return len(range(channels)[_channel_slice(spec, channels)])
     if isinstance(spec, Column):
         return math.prod(shape[:-1])
     if isinstance(spec, Block):
@@ -70,7 +81,8 @@ def num_groups(shape: Sequence[int], spec: Spec) -> int:
 def to_groups(x: jax.Array, spec: Spec) -> jax.Array:
     """Rearranges ``x`` into a ``(num_groups, group_size)`` matrix.
 
-    Block specs pad edge blocks with zeros, which changes no group norm.
+    Block specs pad edge blocks with zeros, which changes no group norm. A
+    channel spec with an ``offset``/``size`` slice has only the slice's rows.
     """
     shape = x.shape
     if isinstance(spec, Unstructured):
@@ -78,7 +90,7 @@ def to_groups(x: jax.Array, spec: Spec) -> jax.Array:
     if isinstance(spec, CHANNEL_SPECS):
         axis, repeat, channels = _channel_layout(shape, spec)
         y = jnp.moveaxis(x, axis, 0).reshape(repeat, channels, -1)
-        return y.transpose(1, 0, 2).reshape(channels, -1)
+        return y.transpose(1, 0, 2).reshape(channels, -1)[_channel_slice(spec, channels)]
     if isinstance(spec, Column):
         return x.reshape(-1, shape[-1])
     if isinstance(spec, Block):
@@ -94,12 +106,19 @@ def to_groups(x: jax.Array, spec: Spec) -> jax.Array:
 
 
 def from_groups(g: jax.Array, spec: Spec, shape: Sequence[int]) -> jax.Array:
-    """Inverse of :func:`to_groups` for a tensor of ``shape``."""
+    """Inverse of :func:`to_groups` for a tensor of ``shape``.
+
+    Entries outside a channel spec's ``offset``/``size`` slice, which no group
+    holds, are zero (``False``).
+    """
     shape = tuple(shape)
     if isinstance(spec, (Unstructured, Column)):
         return g.reshape(shape)
     if isinstance(spec, CHANNEL_SPECS):
         axis, repeat, channels = _channel_layout(shape, spec)
+        if _is_sliced(spec):
+            sl = _channel_slice(spec, channels)
+            g = jnp.pad(g, [(sl.start, channels - sl.stop)] + [(0, 0)] * (g.ndim - 1))
         moved = (shape[axis],) + shape[:axis] + shape[axis + 1 :]
         y = g.reshape(channels, repeat, -1).transpose(1, 0, 2).reshape(moved)
         return jnp.moveaxis(y, 0, axis)
@@ -121,7 +140,16 @@ def group_scores(x: jax.Array, spec: Spec) -> jax.Array:
 
 
 def expand_groups(keep: jax.Array, spec: Spec, shape: Sequence[int]) -> jax.Array:
-    """Broadcasts a per-group boolean ``(G,)`` to an elementwise mask of ``shape``."""
+    """Broadcasts a per-group boolean ``(G,)`` to an elementwise mask of ``shape``.
+
+    Entries outside a channel spec's ``offset``/``size`` slice are ``True``:
+    the spec does not constrain them.
+    """
+    if _is_sliced(spec):
+        channels = _channel_layout(tuple(shape), spec)[2]
+        sl = _channel_slice(spec, channels)
+        keep = jnp.pad(keep, (sl.start, channels - sl.stop), constant_values=True)
+        spec = type(spec)(axis=spec.axis, group=spec.group, repeat=spec.repeat)
     if isinstance(spec, Block):
         group_size = math.prod(_block_sizes(tuple(shape), spec))
     else:

@@ -54,11 +54,19 @@ class Filter:
         entries ``c, c + C, c + 2C, ...`` (``axis`` viewed as ``(repeat, C)``).
         A dense layer fed by a flattened ``(H, W, C)`` feature map has
         ``repeat = H * W`` on its input axis.
+      offset, size: the spec covers only channels ``offset .. offset + size - 1``
+        of the ``C`` channels (after the ``repeat`` view; ``size=None``: up to
+        the end). A layer that reads the concatenation of two branches has one
+        such slice per branch, each in its branch's group. Entries outside the
+        slice are not constrained: its masks are ``True`` there, so that the
+        slices of a :class:`Coupled` spec combine by ``&``.
     """
 
     axis: int = -1
     group: str | None = None
     repeat: int = 1
+    offset: int = 0
+    size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +81,8 @@ class Channel:
     axis: int = -2
     group: str | None = None
     repeat: int = 1
+    offset: int = 0
+    size: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +200,12 @@ def validate(spec: Spec | None, shape: tuple[int, ...], path: str = "") -> None:
         axis = _check_axis(spec.axis, len(shape), where)
         if spec.repeat < 1 or shape[axis] % spec.repeat:
             raise ValueError(f"{where}: repeat={spec.repeat} does not divide axis size {shape[axis]}")
+        channels = shape[axis] // spec.repeat
+        stop = channels if spec.size is None else spec.offset + spec.size
+        if spec.offset < 0 or (spec.size is not None and spec.size < 1) or stop > channels or stop <= spec.offset:
+            raise ValueError(
+                f"{where}: channels [{spec.offset}, {stop}) are not a non-empty slice of the {channels} channels"
+            )
     elif isinstance(spec, Column):
         if len(shape) < 2:
             raise ValueError(f"{where}: Column needs a kernel with at least 2 axes")

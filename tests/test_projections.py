@@ -210,3 +210,85 @@ def test_block_groups_round_trip(shape, spec):
     np.testing.assert_array_equal(P.from_groups(g, spec, shape), x)
     # Every weight lies in exactly one group.
     assert float(jnp.sum(g)) == float(jnp.sum(x))
+
+
+# --- channel slices (offset/size): one group per branch of a concatenation ---
+
+
+@st.composite
+def sliced_specs(draw, x_shape):
+    """A channel spec on a random axis whose channels are a random slice."""
+    axis = draw(st.sampled_from([-1, -2]))
+    n = x_shape[axis]
+    repeat = draw(st.sampled_from([r for r in (1, 2) if n % r == 0]))
+    channels = n // repeat
+    offset = draw(st.integers(0, channels - 1))
+    size = draw(st.one_of(st.none(), st.integers(1, channels - offset)))
+    cls = draw(st.sampled_from([Filter, Channel]))
+    return cls(axis=axis, repeat=repeat, offset=offset, size=size)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), keep=st.floats(0.05, 1.0))
+def test_sliced_channel_projection_is_exact_and_leaves_the_rest_alone(data, keep):
+    x = data.draw(tensors())
+    spec = data.draw(sliced_specs(x.shape))
+    axis, repeat = spec.axis % x.ndim, spec.repeat
+    channels = x.shape[axis] // repeat
+    stop = channels if spec.size is None else spec.offset + spec.size
+    assert P.num_groups(x.shape, spec) == stop - spec.offset
+    p = np.asarray(project(x, spec, keep))
+    # Channel c of the (repeat, C) view of the axis, as an index array over x.
+    view = np.moveaxis(np.arange(x.size).reshape(x.shape), axis, 0).reshape(repeat, channels, -1)
+    inside = np.zeros(x.size, bool)
+    inside[view[:, spec.offset : stop].ravel()] = True
+    inside = inside.reshape(x.shape)
+    np.testing.assert_array_equal(p[~inside], x[~inside])
+    assert np.all((p == 0) | (p == x))
+    k = int(P.num_kept(stop - spec.offset, keep))
+    assert nonzero_groups(p, spec) <= k
+    np.testing.assert_array_equal(project(p, spec, keep), p)
+    dist = float(np.sum((np.asarray(x, np.float64) - p) ** 2))
+    assert dist == pytest.approx(brute_force_distance(x, spec, keep), rel=1e-5, abs=1e-5)
+    # Masks are True outside the slice, and to_groups/from_groups round-trip inside it.
+    keep_groups = jnp.arange(P.num_groups(x.shape, spec)) % 2 == 0
+    assert np.all(np.asarray(P.expand_groups(keep_groups, spec, x.shape))[~inside])
+    back = np.asarray(P.from_groups(P.to_groups(jnp.asarray(x), spec), spec, x.shape))
+    np.testing.assert_array_equal(back, np.where(inside, x, 0))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), ca=st.integers(1, 4), cb=st.integers(1, 4), keep=st.floats(0.1, 1.0))
+def test_concatenation_consumer_slices_project_exactly(seed, ca, cb, keep):
+    """Two producers whose outputs are concatenated (``repeat=2``) into one consumer."""
+    rng = np.random.default_rng(seed)
+    tree = {
+        "a": rng.normal(size=(3, ca)).astype(np.float32),
+        "b": rng.normal(size=(3, cb)).astype(np.float32),
+        "c": rng.normal(size=(2 * (ca + cb), 2)).astype(np.float32),
+    }
+    specs = {
+        "a": Filter(group="a"),
+        "b": Filter(group="b"),
+        "c": Coupled((Channel(group="a", repeat=2, size=ca), Channel(group="b", repeat=2, offset=ca, size=cb))),
+    }
+    out, masks = jax.jit(lambda t, r: P.project_tree(t, specs, r))(tree, jnp.float32(keep))
+    rows = np.asarray(masks["c"]).reshape(2, ca + cb, 2).all((0, 2))
+    np.testing.assert_array_equal(rows[:ca], np.asarray(masks["a"]).all(0))
+    np.testing.assert_array_equal(rows[ca:], np.asarray(masks["b"]).all(0))
+    assert rows[:ca].sum() == int(P.num_kept(ca, keep)) and rows[ca:].sum() == int(P.num_kept(cb, keep))
+    # The two groups are separate constraints on disjoint weights: the joint
+    # projection is the sum of the two exact group projections.
+    expected = brute_force_joint([tree["a"], tree["c"]], [Filter(), specs["c"].specs[0]], keep)
+    expected += brute_force_joint([tree["b"], tree["c"]], [Filter(), specs["c"].specs[1]], keep)
+    dist = sum(float(np.sum((np.asarray(tree[n], np.float64) - np.asarray(out[n], np.float64)) ** 2)) for n in tree)
+    assert dist == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_channel_slice_must_fit():
+    from admmprune.sparsity import validate
+
+    validate(Channel(offset=2, size=2), (3, 4, 5))
+    for spec in (Channel(offset=4), Channel(offset=1, size=4), Channel(size=0), Channel(offset=-1)):
+        with pytest.raises(ValueError, match="slice"):
+            validate(spec, (3, 4, 5))
