@@ -145,6 +145,14 @@ class MobileNetV2(nnx.Module):
             raise UserError(f"MobileNetV2 widths and num_classes must be >= 1, got {widths}, num_classes={num_classes}")
         if len(in_shape) != 3 or min(in_shape) < 1:
             raise UserError(f"MobileNetV2 in_shape must be (H, W, C) with positive sizes, got {in_shape}")
+        it = iter(widths)
+        stem = next(it)
+        block_widths = [[next(it) for _ in range(2 + expand)] for expand, _, _ in blocks]
+        last = next(it)
+        c = stem
+        for i, ((expand, _, residual), bw) in enumerate(zip(blocks, block_widths, strict=True)):
+            self._check_block(i, c, bw, expand, residual)
+            c = bw[-1]
         self._layers = layers
         self._blocks = blocks
         self._config = {
@@ -154,19 +162,13 @@ class MobileNetV2(nnx.Module):
             "small_input": bool(small_input),
         }
 
-        it = iter(widths)
-        c = next(it)
-        self.stem = ConvBN(in_shape[2], c, 3, strides=1 if small_input else 2, rngs=rngs)
-        for i, (expand, strides, residual) in enumerate(blocks):
-            bw = [next(it) for _ in range(2 + expand)]
-            self._check_block(i, c, bw, expand, residual)
-            if small_input and i == 1:
-                strides = 1
-            setattr(
-                self, f"block{i}", InvertedResidual(c, bw, strides=strides, expand=expand, residual=residual, rngs=rngs)
-            )
+        self.stem = ConvBN(in_shape[2], stem, 3, strides=1 if small_input else 2, rngs=rngs)
+        c = stem
+        for i, ((expand, strides, residual), bw) in enumerate(zip(blocks, block_widths, strict=True)):
+            strides = 1 if small_input and i == 1 else strides
+            block = InvertedResidual(c, bw, strides=strides, expand=expand, residual=residual, rngs=rngs)
+            setattr(self, f"block{i}", block)
             c = bw[-1]
-        last = next(it)
         self.last = ConvBN(c, last, 1, rngs=rngs)
         self.head = nnx.Linear(last, int(num_classes), rngs=rngs)
 
