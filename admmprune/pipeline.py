@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import inspect
 import json
 import math
 import os
@@ -89,6 +90,12 @@ def check_config(config: ConfigDict) -> tuple[float, ...]:
         raise UserError(f"the pruning ratio must be a number in (0, 1), got {ratio!r}")
     if config.model.name not in models.names():
         raise UserError(f"unknown model {config.model.name!r}; choose from {', '.join(models.names())}")
+    if not hasattr(models.get_class(config.model.name), "chain"):
+        supported = [n for n in models.names() if hasattr(models.get_class(n), "chain")]
+        raise UserError(
+            f"model {config.model.name!r} declares no layer chain, which this pipeline needs to couple "
+            f"its channels; models it can prune: {', '.join(supported)}"
+        )
     if config.prune.method not in METHODS:
         raise UserError(f"unknown method {config.prune.method!r}; choose from {', '.join(METHODS)}")
     for phase in ("dense", "admm", "retrain"):
@@ -247,7 +254,14 @@ def _make_tx(config, phase: Phase, specs, steps: int, masks=None) -> optax.Gradi
     return optax.chain(_sgd(config, _learning_rate(config.retrain, steps)), ap.keep_masked(masks))
 
 
-def _make_train_step(graphdef, tx):
+def _admm_metrics(opt_state) -> dict[str, jax.Array]:
+    """Mean primal residual and largest rho, computed inside the jitted step."""
+    state = ap.find_state(opt_state)
+    primal = jax.tree.leaves(state.primal_residual)
+    return {"primal_residual": sum(primal) / len(primal), "rho": jnp.max(jnp.stack(jax.tree.leaves(state.rho)))}
+
+
+def _make_train_step(graphdef, tx, *, admm_metrics: bool = False):
     def loss_fn(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
         logits = model(batch["image"])
@@ -261,7 +275,10 @@ def _make_train_step(graphdef, tx):
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
-        return params, rest, opt_state, {"loss": loss, "accuracy": accuracy}
+        metrics = {"loss": loss, "accuracy": accuracy}
+        if admm_metrics:
+            metrics.update(_admm_metrics(opt_state))
+        return params, rest, opt_state, metrics
 
     return step
 
@@ -281,8 +298,8 @@ def _make_eval(graphdef):
 class _Run:
     """Everything one run holds; the phases mutate params/rest/opt_state."""
 
-    def __init__(self, config: ConfigDict, workdir: str, stages: tuple[float, ...], log: Callable[[str], None]):
-        self.config, self.workdir, self.stages, self.log = config, workdir, stages, log
+    def __init__(self, config: ConfigDict, workdir: str, log: Callable[[str], None]):
+        self.config, self.workdir, self.log = config, workdir, log
         c = config
         info = data_lib.dataset_info(c.data.name, c.data.data_dir)
         self.info = info
@@ -290,12 +307,7 @@ class _Run:
         self.train_source = data_lib.load_source(c.data.name, _sliced(c.data.train_split, c.data.limit), c.data.data_dir)
         self.eval_source = data_lib.load_source(c.data.name, _sliced(c.data.eval_split, c.data.eval_limit), c.data.data_dir)
         self.normalize = (info.mean, info.std) if c.data.normalize and info.mean is not None else None
-        kwargs = {"num_classes": info.num_classes, "rngs": nnx.Rngs(c.seed)}
-        if c.model.name == "lenet5":
-            kwargs["in_shape"] = tuple(info.image_shape)
-        else:
-            kwargs["in_features"] = int(np.prod(info.image_shape))
-        self.model = models.get(c.model.name, **kwargs)
+        self.model = models.get(c.model.name, **_input_kwargs(c.model.name, info), rngs=nnx.Rngs(c.seed))
         self.graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
         self.params, self.rest = params, rest
         self.specs = graph.chain_specs(params, graph.declared_chain(self.model))
@@ -340,6 +352,17 @@ class _Run:
         return {"params": measure.count_params(params), "flops": measure.flops(model, x)}
 
 
+def _input_kwargs(name: str, info) -> dict[str, Any]:
+    """Constructor arguments that fit a model to the dataset's images and classes."""
+    params = inspect.signature(models.get_class(name)).parameters
+    kwargs: dict[str, Any] = {"num_classes": info.num_classes}
+    if "in_shape" in params:
+        kwargs["in_shape"] = tuple(info.image_shape)
+    elif "in_features" in params:
+        kwargs["in_features"] = int(np.prod(info.image_shape))
+    return kwargs
+
+
 def _sliced(split: str, limit: int | None) -> str:
     if limit is None:
         return split
@@ -378,7 +401,7 @@ def run(config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None =
     workdir = os.path.abspath(workdir)
     t_start = time.perf_counter()
     # Data and model first: a run that cannot start must not claim the workdir.
-    r = _Run(config, workdir, stages, log)
+    r = _Run(config, workdir, log)
     finished = _claim_workdir(config, workdir)
     if finished is not None:
         log(f"run in {workdir} is complete: {os.path.join(workdir, 'report.json')}")
@@ -535,7 +558,7 @@ def _train_phase(r: _Run, i, phase: Phase, tx, steps, start_step, data_state, gl
     config = r.config
     if steps == 0:
         return global_step
-    step_fn = _make_train_step(r.graphdef, tx)
+    step_fn = _make_train_step(r.graphdef, tx, admm_metrics=phase.kind == "admm")
     it = iter(r.loader(i, phase.epochs))
     if start_step and data_state is not None:
         it.set_state(data_state)
@@ -543,27 +566,32 @@ def _train_phase(r: _Run, i, phase: Phase, tx, steps, start_step, data_state, gl
     bar = tqdm(total=steps, initial=start_step, desc=phase.name, disable=not config.progress or None,
                leave=False, file=sys.stderr, dynamic_ncols=True)
     phase_step = start_step
+    pending = []  # per-step metrics stay on the device until the next flush
+
+    def flush():
+        for s, m in jax.device_get(pending):
+            record = {"step": s, "phase": phase.name, **{k: float(v) for k, v in m.items()}}
+            if not math.isfinite(record["loss"]):
+                raise UserError(
+                    f"the loss became {record['loss']} at step {s} ({phase.name}); stopped, and the last "
+                    f"good checkpoint stays in {r.workdir}: lower the learning rate or rho and use a new --workdir"
+                )
+            metrics.write(record)
+        if pending:
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+        pending.clear()
+
     try:
         for batch in it:
             r.params, r.rest, r.opt_state, m = step_fn(r.params, r.rest, r.opt_state, batch)
             phase_step += 1
             global_step += 1
+            pending.append((global_step, m))
             bar.update(1)
             if phase_step % config.log_every == 0 or phase_step == steps:
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
-                    raise UserError(
-                        f"the loss became {loss} at step {global_step} ({phase.name}); stopped, and the last "
-                        f"good checkpoint stays in {r.workdir}: lower the learning rate or rho and use a new --workdir"
-                    )
-                record = {"step": global_step, "phase": phase.name, "loss": loss, "accuracy": float(m["accuracy"])}
-                if phase.kind == "admm":
-                    record.update(ap.residuals(ap.find_state(r.opt_state)))
-                metrics.write(record)
-                bar.set_postfix(loss=f"{loss:.4f}")
+                flush()
             if phase_step % every == 0 and phase_step < steps:
-                if not math.isfinite(float(m["loss"])):
-                    raise UserError(f"the loss became {float(m['loss'])} at step {global_step} ({phase.name}); stopped")
+                flush()  # never checkpoint past a loss that went bad
                 save(i, phase_step, global_step, it.get_state())
     finally:
         bar.close()

@@ -153,6 +153,7 @@ def run_main(args, capsys):
         (["--stages", "0.5,0.75"], "must equal the ratio"),
         (["--config.model.name=resnet999"], "unknown model 'resnet999'"),
         (["--method", "prayer"], "unknown method 'prayer'"),
+        (["--config.model.name=resnet20"], "declares no layer chain"),
         (["--config.no.such=1"], "unknown config key 'no.such'"),
         (["--config.admm.rho=fast"], "bad value 'fast' for config key 'admm.rho'"),
         (["--config", "no/such/config.py"], "no config file"),

@@ -79,7 +79,8 @@ def get_config() -> ConfigDict:
     c.retrain.learning_rate = 0.01
     c.retrain.schedule = "cosine"
 
-    # Log training metrics to metrics.jsonl every N steps.
+    # Per-step training metrics (loss, accuracy, ADMM residual and rho) are
+    # fetched from the device and appended to metrics.jsonl every N steps.
     c.log_every = 50
     # Save a checkpoint every N steps (None: at the end of every epoch), and at
     # the end of every phase.

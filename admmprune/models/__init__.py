@@ -37,7 +37,7 @@ from admmprune.models.resnet import ResNet18, ResNet20, ResNet32, ResNet50, ResN
 from admmprune.models.unet import UNet
 from admmprune.models.vgg import VGG11, VGG16, VGG19
 
-__all__ = ["MLP", "LeNet5", "apply_fn", "get", "name_of", "names"]
+__all__ = ["MLP", "LeNet5", "apply_fn", "get", "get_class", "name_of", "names"]
 
 _REGISTRY: dict[str, type[nnx.Module]] = {
     "lenet5": LeNet5,
@@ -84,6 +84,17 @@ def get(name: str, **kwargs: Any) -> nnx.Module:
         raise UserError(f"unknown model {name!r}; valid names: {', '.join(names())}")
     kwargs.setdefault("rngs", nnx.Rngs(0))
     return _REGISTRY[name](**kwargs)
+
+
+def get_class(name: str) -> type[nnx.Module]:
+    """The model class registered as ``name``.
+
+    Raises:
+        UserError: if ``name`` is not registered.
+    """
+    if name not in _REGISTRY:
+        raise UserError(f"unknown model {name!r}; valid names: {', '.join(names())}")
+    return _REGISTRY[name]
 
 
 def name_of(model: nnx.Module) -> str:
