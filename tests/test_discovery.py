@@ -1,0 +1,576 @@
+"""Channel groups discovered from jaxprs: exact specs, and pruned channels are really dead.
+
+The soundness check (:func:`check_dead`) zeroes a random subset of every
+discovered group's channels in every member, then perturbs what the masks
+removed:
+
+* *producer side* (``Filter`` members: kernel output slices, biases,
+  normalization scales): the removed channels then carry arbitrary values. The
+  output must not change: nothing outside the group reads them, so removing
+  them physically (collapse) gives the same function. A consumer that
+  discovery missed, or a removed channel reaching the output, fails this.
+* *consumer side* (``Channel`` members: the rows of the next layers that read
+  the channels): the output must not change either, because the removed
+  channels are exactly zero when they are read. A residual branch or a
+  normalization offset left out of the group fails this.
+
+Both perturb only masked-out entries, so each checks a necessary condition of
+exact collapse, and together they are sufficient for these models. A third
+perturbation, of *kept* entries, must change the output: the check is not
+vacuous.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import admmprune as ap
+from admmprune import graph, models
+from admmprune.discovery import DiscoveryError, discover, discover_nnx, discover_specs
+from admmprune.projections import coupled_groups, expand_groups, groups_alive, num_groups
+from admmprune.sparsity import Channel, Coupled, Filter, is_spec
+
+# --- helpers -------------------------------------------------------------------
+
+
+def flat(specs):
+    """``{path: spec}`` of a spec tree."""
+    from admmprune._types import path_str
+
+    return {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]}
+
+
+def random_keep(specs, params, seed):
+    """A random boolean per channel of every group: some kept, some removed."""
+    rng = np.random.default_rng(seed)
+    leaves = jax.tree.leaves(params)
+    keep = {}
+    for name, members in coupled_groups(specs).items():
+        n = num_groups(leaves[members[0][0]].shape, members[0][1])
+        k = rng.random(n) < 0.5
+        k[rng.integers(n)] = True
+        if n > 1 and k.all():
+            k[rng.integers(n)] = False
+        keep[name] = jnp.asarray(k)
+    return keep
+
+
+def removed_by_role(specs, params, keep):
+    """Per leaf: (entries removed by a Filter member, by a Channel member)."""
+    flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    leaves = treedef.flatten_up_to(params)
+    out = []
+    for spec, x in zip(flat_specs, leaves):
+        members = spec.specs if isinstance(spec, Coupled) else () if spec is None else (spec,)
+        by_filter = np.zeros(x.shape, bool)
+        by_channel = np.zeros(x.shape, bool)
+        for m in members:
+            gone = ~np.asarray(expand_groups(keep[m.group], m, x.shape))
+            if isinstance(m, Filter):
+                by_filter |= gone
+            else:
+                by_channel |= gone
+        out.append((by_filter, by_channel))
+    return treedef, out
+
+
+def perturb(params, which, seed):
+    """Random values at the ``which`` entries (positive ones for BatchNorm variances)."""
+    noise = randomize(params, seed)
+    leaves, treedef = jax.tree.flatten(params)
+    new = [jnp.where(w, n * 2, x) for x, n, w in zip(leaves, jax.tree.leaves(noise), which)]
+    return treedef.unflatten(new)
+
+
+def check_dead(fn, params, specs, *args, consumers=True, producers=True, seed=0):
+    """Pruned channels are dead (see the module docstring); returns the group keep vectors."""
+    keep = random_keep(specs, params, seed)
+    assert keep, "no group was discovered"
+    treedef, roles = removed_by_role(specs, params, keep)
+    masks = treedef.unflatten([None if not (f | c).any() else ~(f | c) for f, c in roles])
+    masked = ap.apply_masks(params, masks)
+    f = jax.jit(fn)
+    y = np.asarray(f(masked, *args))
+    assert np.all(np.isfinite(y))
+    scale = np.abs(y).max() + 1e-3
+    # The perturbed entries are all masked out.
+    if producers:
+        y2 = np.asarray(f(perturb(masked, [fl for fl, _ in roles], seed + 1), *args))
+        np.testing.assert_allclose(y2, y, atol=1e-4 * scale, err_msg="a removed channel reaches a kept one")
+    if consumers:
+        y3 = np.asarray(f(perturb(masked, [ch for _, ch in roles], seed + 2), *args))
+        np.testing.assert_allclose(y3, y, atol=1e-4 * scale, err_msg="a removed channel is not zero where read")
+    # Not vacuous: perturbing kept producer entries does change the output.
+    flat_masks = jax.tree.leaves(masks, is_leaf=lambda v: v is None)
+    kept = [
+        np.zeros(x.shape, bool) if m is None else np.asarray(m) for m, x in zip(flat_masks, jax.tree.leaves(params))
+    ]
+    y4 = np.asarray(f(perturb(masked, kept, seed + 3), *args))
+    assert np.abs(y4 - y).max() > 1e-3 * scale
+    return keep
+
+
+def eval_fn(model, randomize_stats=True):
+    """``fn(params, x)`` in eval mode, with random BatchNorm statistics captured."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if randomize_stats:
+        rng = np.random.default_rng(7)
+
+        def rand(path, v):
+            name = str(path[-2].key) if len(path) > 1 else ""
+            if name == "mean":
+                return jnp.asarray(rng.normal(size=v.shape), v.dtype)
+            if name == "var":
+                return jnp.asarray(rng.uniform(0.5, 2.0, size=v.shape), v.dtype)
+            return v
+
+        rest = jax.tree_util.tree_map_with_path(rand, rest)
+
+    def fn(p, x):
+        m = nnx.merge(graphdef, p, rest, copy=True)
+        m.eval()
+        return m(x)
+
+    return fn, params
+
+
+def randomize(params, seed=3):
+    """Random weights (NNX initializes biases and BN offsets to 0 and scales to 1);
+    positive BatchNorm variances."""
+    rng = np.random.default_rng(seed)
+
+    def rand(path, x):
+        if str(getattr(path[-1], "key", "")) == "var":
+            return jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype)
+        return jnp.asarray(rng.normal(0, 0.5, x.shape), x.dtype)
+
+    return jax.tree_util.tree_map_with_path(rand, params)
+
+
+def run_case(model, x, **kw):
+    found = discover_nnx(model, x)
+    fn, params = eval_fn(model)
+    check_dead(fn, randomize(params), found.specs, x, **kw)
+    return found
+
+
+R = nnx.Rngs(0)
+X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
+
+
+# --- the declared chains -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mlp"])
+def test_discovery_equals_the_declared_chain(name):
+    model = models.get(name)
+    fn, params = models.apply_fn(model)
+    x = jnp.zeros((2, 28, 28, 1))
+    found = discover(fn, params, x)
+    expected = graph.chain_specs(params, model.chain)
+    assert jax.tree.structure(found.specs, is_leaf=is_spec) == jax.tree.structure(expected, is_leaf=is_spec)
+    assert flat(found.specs) == flat(expected)
+    assert list(found.groups) == [n for n, _ in model.chain[:-1]]
+    assert list(found.unprunable) == [model.output_layer]
+    assert discover_nnx(model, x).specs == found.specs
+    # The spec tree works with the pruning functions unchanged.
+    _, masks = jax.jit(lambda p: ap.hard_prune(p, found.specs, 0.5))(params)
+    widths = graph.group_widths(params, found.specs, masks)
+    assert all(kept == int(ap.projections.num_kept(total, 0.5)) for kept, total in widths.values())
+    check_dead(fn, randomize(params), found.specs, jnp.ones((2, 28, 28, 1)))
+
+
+def test_hard_pruning_removes_the_same_channels_from_every_member():
+    model = models.get("lenet5", features=(6, 8, 12))
+    fn, params = models.apply_fn(model)
+    specs = discover_specs(fn, params, jnp.zeros((1, 28, 28, 1)))
+    _, masks = ap.hard_prune(randomize(params), specs, 0.5)
+    flat_masks = jax.tree.leaves(masks, is_leaf=lambda v: v is None)
+    for name, members in coupled_groups(specs).items():
+        alive = {tuple(np.asarray(groups_alive(flat_masks[i], s))) for i, s in members}
+        assert len(alive) == 1, name
+
+
+# --- hand-written models, one per kind of operation --------------------------------
+
+
+class ConvBN(nnx.Module):
+    def __init__(self):
+        self.conv1 = nnx.Conv(3, 6, (3, 3), rngs=R)
+        self.bn = nnx.BatchNorm(6, rngs=R)
+        self.conv2 = nnx.Conv(6, 4, (3, 3), rngs=R)
+
+    def __call__(self, x):
+        return self.conv2(jax.nn.relu(self.bn(self.conv1(x))))
+
+
+def test_conv_bn_relu_conv():
+    found = run_case(ConvBN(), X)
+    g = "conv1"
+    assert flat(found.specs) == {
+        "bn/bias": Filter(group=g),
+        "bn/scale": Filter(group=g),
+        "conv1/bias": Filter(group=g),
+        "conv1/kernel": Filter(group=g),
+        "conv2/bias": None,
+        "conv2/kernel": Channel(group=g),
+    }
+    # BatchNorm statistics are not Params: they are in state_specs, same group.
+    assert flat(found.state_specs) == {"bn/mean": Filter(group=g), "bn/var": Filter(group=g)}
+    assert found.groups[g].channels == 6
+    assert "bn/mean" in dict(found.groups[g].members)
+    assert list(found.unprunable) == ["conv2"]
+
+
+class Residual(nnx.Module):
+    def __init__(self, projection):
+        self.stem = nnx.Conv(3, 6, (3, 3), rngs=R)
+        self.a = nnx.Conv(6, 5, (3, 3), rngs=R)
+        self.bn_a = nnx.BatchNorm(5, rngs=R)
+        out = 7 if projection else 6
+        self.b = nnx.Conv(5, out, (3, 3), rngs=R)
+        self.bn_b = nnx.BatchNorm(out, rngs=R)
+        self.proj = nnx.Conv(6, out, (1, 1), use_bias=False, rngs=R) if projection else None
+        self.head = nnx.Linear(out, 3, rngs=R)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.stem(x))
+        y = self.bn_b(self.b(jax.nn.relu(self.bn_a(self.a(x)))))
+        x = jax.nn.relu(y + (x if self.proj is None else self.proj(x)))
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def test_residual_identity_shortcut_merges_the_groups():
+    found = run_case(Residual(projection=False), X)
+    specs = flat(found.specs)
+    assert list(found.groups) == ["stem", "a"]
+    assert specs["b/kernel"] == Coupled((Channel(group="a"), Filter(group="stem")))
+    assert specs["bn_b/scale"] == Filter(group="stem")
+    assert specs["a/kernel"] == Coupled((Channel(group="stem"), Filter(group="a")))
+    assert specs["head/kernel"] == Channel(group="stem")
+    assert flat(found.state_specs)["bn_b/mean"] == Filter(group="stem")
+
+
+def test_residual_projection_shortcut():
+    found = run_case(Residual(projection=True), X)
+    specs = flat(found.specs)
+    assert list(found.groups) == ["stem", "a", "b"]
+    assert specs["proj/kernel"] == Coupled((Channel(group="stem"), Filter(group="b")))
+    assert specs["b/kernel"] == Coupled((Channel(group="a"), Filter(group="b")))
+    assert specs["head/kernel"] == Channel(group="b")
+    assert [p for p, _ in found.groups["stem"].members] == ["a/kernel", "proj/kernel", "stem/bias", "stem/kernel"]
+
+
+class Concat(nnx.Module):
+    def __init__(self):
+        self.left = nnx.Conv(3, 4, (3, 3), rngs=R)
+        self.right = nnx.Conv(3, 5, (1, 1), rngs=R)
+        self.bn = nnx.BatchNorm(9, rngs=R)
+        self.fuse = nnx.Conv(9, 2, (3, 3), rngs=R)
+
+    def __call__(self, x):
+        y = jnp.concatenate([jax.nn.relu(self.left(x)), jax.nn.relu(self.right(x))], axis=-1)
+        return self.fuse(self.bn(y))
+
+
+def test_concatenation_gives_offsets():
+    found = run_case(Concat(), X)
+    specs = flat(found.specs)
+    assert specs["fuse/kernel"] == Coupled(
+        (Channel(group="left", offset=0, size=4), Channel(group="right", offset=4, size=5))
+    )
+    # The BatchNorm after the concatenation is in both groups, a slice each.
+    both = Coupled((Filter(group="left", offset=0, size=4), Filter(group="right", offset=4, size=5)))
+    assert specs["bn/scale"] == both
+    assert flat(found.state_specs)["bn/var"] == both
+    assert {n: g.channels for n, g in found.groups.items()} == {"left": 4, "right": 5}
+
+
+class SplitHeads(nnx.Module):
+    """A channel split: each half of one conv's output feeds its own branch."""
+
+    def __init__(self):
+        self.conv = nnx.Conv(3, 8, (3, 3), rngs=R)
+        self.a = nnx.Conv(3, 2, (1, 1), rngs=R)
+        self.b = nnx.Conv(5, 2, (1, 1), rngs=R)
+
+    def __call__(self, x):
+        y = jax.nn.relu(self.conv(x))
+        return self.a(y[..., :3]) + self.b(y[..., 3:])
+
+
+def test_channel_split_splits_the_group():
+    found = run_case(SplitHeads(), X)
+    specs = flat(found.specs)
+    assert specs["conv/kernel"] == Coupled(
+        (Filter(group="conv[0:3]", offset=0, size=3), Filter(group="conv[3:8]", offset=3, size=5))
+    )
+    assert specs["a/kernel"] == Channel(group="conv[0:3]")
+    assert specs["b/kernel"] == Channel(group="conv[3:8]")
+
+
+class Depthwise(nnx.Module):
+    def __init__(self):
+        self.pw1 = nnx.Conv(3, 6, (1, 1), rngs=R)
+        self.dw = nnx.Conv(6, 6, (3, 3), feature_group_count=6, rngs=R)
+        self.bn = nnx.BatchNorm(6, rngs=R)
+        self.pw2 = nnx.Conv(6, 4, (1, 1), rngs=R)
+
+    def __call__(self, x):
+        return self.pw2(jax.nn.relu6(self.bn(self.dw(jax.nn.relu(self.pw1(x))))))
+
+
+def test_depthwise_conv_ties_input_and_output_channels():
+    found = run_case(Depthwise(), X)
+    specs = flat(found.specs)
+    assert list(found.groups) == ["pw1"]
+    assert specs["dw/kernel"] == Filter(group="pw1")
+    assert specs["dw/bias"] == Filter(group="pw1")
+    assert specs["pw2/kernel"] == Channel(group="pw1")
+
+
+class Grouped(nnx.Module):
+    def __init__(self):
+        self.conv1 = nnx.Conv(3, 6, (1, 1), rngs=R)
+        self.grouped = nnx.Conv(6, 6, (3, 3), feature_group_count=2, rngs=R)
+        self.conv2 = nnx.Conv(6, 2, (1, 1), rngs=R)
+
+    def __call__(self, x):
+        return self.conv2(jax.nn.relu(self.grouped(jax.nn.relu(self.conv1(x)))))
+
+
+def test_grouped_conv_channels_are_not_pruned():
+    found = discover_nnx(Grouped(), X)
+    assert not found.groups
+    assert "grouped convolution" in " ".join(found.unprunable["conv1"])
+    with pytest.raises(DiscoveryError, match="conv1.*feature_group_count=2"):
+        discover_nnx(Grouped(), X, strict=True)
+
+
+class Flatten(nnx.Module):
+    def __init__(self):
+        self.conv = nnx.Conv(3, 4, (3, 3), strides=(2, 2), rngs=R)
+        self.fc1 = nnx.Linear(4 * 4 * 4, 10, rngs=R)
+        self.fc2 = nnx.Linear(10, 3, rngs=R)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.conv(x))
+        return self.fc2(jax.nn.gelu(self.fc1(x.reshape(x.shape[0], -1))))
+
+
+def test_flatten_into_dense_repeats_the_channels():
+    found = run_case(Flatten(), X)
+    specs = flat(found.specs)
+    assert specs["fc1/kernel"] == Coupled((Channel(group="conv", repeat=16), Filter(group="fc1")))
+    assert specs["fc2/kernel"] == Channel(group="fc1")
+
+
+class Transposed(nnx.Module):
+    def __init__(self):
+        self.conv = nnx.Conv(3, 4, (3, 3), strides=(2, 2), rngs=R)
+        self.up = nnx.ConvTranspose(4, 5, (2, 2), strides=(2, 2), rngs=R)
+        self.out = nnx.Conv(5, 2, (3, 3), rngs=R)
+
+    def __call__(self, x):
+        return self.out(jax.nn.relu(self.up(jax.nn.relu(self.conv(x)))))
+
+
+def test_conv_transpose():
+    found = run_case(Transposed(), X)
+    specs = flat(found.specs)
+    assert specs["up/kernel"] == Coupled((Channel(group="conv"), Filter(group="up")))
+    assert specs["up/bias"] == Filter(group="up")
+    assert specs["out/kernel"] == Channel(group="up")
+
+
+class Norms(nnx.Module):
+    def __init__(self, norm):
+        self.conv1 = nnx.Conv(3, 4, (3, 3), rngs=R)
+        self.norm = norm
+        self.conv2 = nnx.Conv(4, 2, (3, 3), rngs=R)
+
+    def __call__(self, x):
+        return self.conv2(jax.nn.relu(self.norm(self.conv1(x))))
+
+
+@pytest.mark.parametrize(
+    "norm,statistics",
+    [
+        (lambda: nnx.LayerNorm(4, rngs=R), True),
+        (lambda: nnx.GroupNorm(4, num_groups=1, rngs=R), True),
+        (lambda: nnx.GroupNorm(4, num_groups=4, rngs=R), False),
+    ],
+    ids=["layernorm", "groupnorm1", "groupnorm-per-channel"],
+)
+def test_normalization_parameters_join_the_group(norm, statistics):
+    model = Norms(norm())
+    found = discover_nnx(model, X)
+    specs = flat(found.specs)
+    assert specs["norm/scale"] == Filter(group="conv1") and specs["norm/bias"] == Filter(group="conv1")
+    assert specs["conv2/kernel"] == Channel(group="conv1")
+    # Statistics over the channels change when channels are removed: a note says so,
+    # and only the consumer-side check holds exactly.
+    assert bool(found.notes) == statistics
+    fn, params = eval_fn(model)
+    check_dead(fn, randomize(params), found.specs, X, producers=not statistics)
+
+
+def test_groupnorm_with_several_groups_is_not_pruned():
+    found = discover_nnx(Norms(nnx.GroupNorm(4, num_groups=2, rngs=R)), X)
+    assert not found.groups
+    assert "splits the channels" in " ".join(found.unprunable["conv1"])
+
+
+class Attention(nnx.Module):
+    """Two activations contracted over channels, as in attention scores."""
+
+    def __init__(self, gate):
+        self.q = nnx.Linear(3, 4, rngs=R)
+        self.k = nnx.Linear(3, 4, rngs=R)
+        self.v = nnx.Linear(3, 5, rngs=R)
+        self.o = nnx.Linear(5, 2, rngs=R)
+        self.gate = gate
+
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        q, k = self.q(x), self.k(x)
+        if self.gate:  # the removed channels of q and k are 0.5, not 0
+            q, k = jax.nn.sigmoid(q), jax.nn.sigmoid(k)
+        s = jax.nn.softmax(jnp.einsum("btc,bsc->bts", q, k), axis=-1)
+        return self.o(jnp.einsum("bts,bsc->btc", s, self.v(x)))
+
+
+def test_contracting_two_activations():
+    # Both sides of q @ k are pruned, so perturbing both producers would revive the
+    # removed channels' products: only the consumer-side check applies.
+    found = run_case(Attention(gate=False), X, producers=False)
+    specs = flat(found.specs)
+    assert specs["k/kernel"] == Filter(group="q") and specs["q/kernel"] == Filter(group="q")
+    assert specs["o/kernel"] == Channel(group="v")
+    gated = discover_nnx(Attention(gate=True), X)
+    assert "q" not in gated.groups and "not zero" in " ".join(gated.unprunable["q"])
+
+
+class Nested(nnx.Module):
+    """ConvBN through jit, remat, a custom_vjp and a cond."""
+
+    def __init__(self):
+        self.inner = ConvBN()
+
+    def __call__(self, x):
+        @jax.custom_vjp
+        def double(y):
+            return 2 * y
+
+        double.defvjp(lambda y: (double(y), None), lambda _, g: (2 * g,))
+        m = self.inner
+        y = jax.checkpoint(lambda z: m.bn(m.conv1(z)))(x)
+        y = jax.jit(jax.nn.relu)(double(y))
+        y = jax.lax.cond(y.sum() > 0, lambda z: z * 2, lambda z: z, y)
+        return m.conv2(y)
+
+
+def test_nested_jaxprs_are_followed():
+    found = run_case(Nested(), X)
+    g = "inner/conv1"
+    assert flat(found.specs) == {
+        "inner/bn/bias": Filter(group=g),
+        "inner/bn/scale": Filter(group=g),
+        "inner/conv1/bias": Filter(group=g),
+        "inner/conv1/kernel": Filter(group=g),
+        "inner/conv2/bias": None,
+        "inner/conv2/kernel": Channel(group=g),
+    }
+
+
+class Linen(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(6, (3, 3))(x)))
+        x = nn.relu(nn.Conv(5, (3, 3))(x))
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_linen_apply_function():
+    model = Linen()
+    variables = model.init(jax.random.key(0), X)
+    found = discover(model.apply, variables, X)
+    specs = flat(found.specs)
+    assert specs["params/Conv_0/kernel"] == Filter(group="params/Conv_0")
+    assert specs["batch_stats/BatchNorm_0/mean"] == Filter(group="params/Conv_0")
+    assert specs["params/Dense_0/kernel"] == Channel(group="params/Conv_1", repeat=64)
+    check_dead(model.apply, randomize(variables), found.specs, X)
+    # ADMM takes the params part.
+    ap.hard_prune(variables["params"], found.specs["params"], 0.5)
+
+
+# --- what cannot be followed ---------------------------------------------------------
+
+
+class Shuffle(nnx.Module):
+    """A channel permutation (a gather) between two convs."""
+
+    def __init__(self):
+        self.conv1 = nnx.Conv(3, 4, (3, 3), rngs=R)
+        self.conv2 = nnx.Conv(4, 6, (3, 3), rngs=R)
+        self.conv3 = nnx.Conv(6, 2, (3, 3), rngs=R)
+
+    def __call__(self, x):
+        x = jax.nn.relu(self.conv1(x))[..., jnp.array([1, 0, 3, 2])]
+        return self.conv3(jax.nn.relu(self.conv2(x)))
+
+
+def test_an_unfollowable_op_is_reported_or_raises():
+    found = discover_nnx(Shuffle(), X)
+    assert list(found.groups) == ["conv2"]
+    assert flat(found.specs)["conv1/kernel"] is None
+    assert "unsupported primitive `gather`" in found.unprunable["conv1"][0]
+    assert "test_discovery.py" in found.unprunable["conv1"][0]
+    with pytest.raises(DiscoveryError, match="conv1.*`gather` at .*test_discovery.py"):
+        discover_nnx(Shuffle(), X, strict=True)
+
+
+def test_captured_statistics_make_channels_unprunable():
+    # models.apply_fn captures BatchNorm statistics as constants: they could not
+    # be sliced, so their channels are left alone and the reason says what to do.
+    fn, params = models.apply_fn(ConvBN())
+    found = discover(fn, params, X)
+    assert not found.groups
+    assert "discover_nnx" in found.unprunable["conv1"][0]
+
+
+def test_inputs_and_outputs_are_never_pruned():
+    def fn(p, x):
+        return x + p["w"] * 2.0, jnp.tanh(p["v"])
+
+    found = discover(fn, {"w": jnp.ones(3), "v": jnp.ones(4)}, jnp.ones((2, 3)))
+    assert flat(found.specs) == {"v": None, "w": None}
+
+
+def test_overrides_take_precedence():
+    model = ConvBN()
+    found = discover_nnx(model, X, overrides={"conv2/bias": Filter(), "bn/mean": None})
+    assert flat(found.specs)["conv2/bias"] == Filter()
+    assert flat(found.state_specs)["bn/mean"] is None
+    with pytest.raises(ValueError, match="do not exist"):
+        discover_nnx(model, X, overrides={"conv9/kernel": None})
+
+
+# --- the model zoo ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("resnet20", {"in_shape": (8, 8, 3)}),
+        ("mobilenetv2", {"width_mult": 0.25, "in_shape": (8, 8, 3), "small_input": True, "num_classes": 4}),
+    ],
+)
+def test_zoo_models(name, kwargs):
+    model = models.get(name, **kwargs)
+    found = run_case(model, X)
+    assert found.groups and not found.notes
+    assert list(found.unprunable) == [model.output_layer]
