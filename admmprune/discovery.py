@@ -84,7 +84,7 @@ import numpy as np
 
 from admmprune._types import Params, Specs, path_str
 from admmprune.projections import coupled_groups, num_groups
-from admmprune.sparsity import Channel, Coupled, Filter, validate
+from admmprune.sparsity import Channel, Coupled, Filter, is_spec, validate
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,9 @@ class Discovery:
         cannot be pruned (the output layer, anything tied to the input, or an
         operation that cannot be followed), and for every parameter axis an
         unsupported operation touched (``"path[axis i]"``).
+      unfollowed: the names in ``unprunable`` because of an operation that
+        cannot be followed, rather than because they reach the inputs or
+        outputs of ``fn`` (what ``strict`` raises for).
       notes: operations that are followed but after which the pruned model
         is not exactly its collapsed copy (statistics over channels).
     """
@@ -131,6 +134,7 @@ class Discovery:
     state_specs: Specs | None
     groups: Mapping[str, Group]
     unprunable: Mapping[str, tuple[str, ...]]
+    unfollowed: tuple[str, ...]
     notes: tuple[str, ...]
 
     def report(self) -> str:
@@ -412,7 +416,9 @@ class _Tracer:
             return lay is None or self.live(lay)
         return any(not self.poisoned[r] for r in self.resolve(d.segs))
 
-    def poison(self, d: Desc, kind: str, reason: str) -> None:
+    def poison(self, d: Desc, kind: str, reason: str, *, report: bool = True) -> None:
+        """Marks the channels along ``d`` unprunable; ``report`` a parameter axis
+        that nothing else tied to channels (not for kernels' spatial axes)."""
         if d is None:
             return
         if isinstance(d, _Slot):
@@ -420,7 +426,7 @@ class _Tracer:
             if self.slot_binding[r] is None:
                 size = self.slot_owner[d.id][2]
                 self.slot_binding[r] = _Lay(1, (self.new_space(size),))
-                if kind == _UNSUPPORTED:
+                if kind == _UNSUPPORTED and report:
                     self.slot_reasons.setdefault(d.id, []).append((kind, reason))
             self.poison(self.slot_binding[r], kind, reason)
             return
@@ -860,7 +866,7 @@ def _rev(t: _Tracer, eqn: Any, ins: list[_AVal], site: str) -> list[_AVal]:
     descs = list(x.descs)
     for ax in eqn.params["dimensions"]:
         if t.live(descs[ax]):
-            t.poison(descs[ax], _UNSUPPORTED, f"{site} reverses the order of the channels")
+            t.poison(descs[ax], _UNSUPPORTED, f"{site} reverses the order of the channels", report=False)
         descs[ax] = t.opaque(x.shape[ax], _UNSUPPORTED, f"an axis reversed by {site}")
     return [_AVal(x.shape, tuple(descs), x.zero, x.allzero)]
 
@@ -999,28 +1005,38 @@ _GROUP_RULES = (
 # --- the public functions --------------------------------------------------------
 
 
+class _Found(NamedTuple):
+    flat_specs: list[list[Any]]  # per tree
+    group_order: list[str]
+    unprunable: dict[str, tuple[str, ...]]
+    unfollowed: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
 def _analyze(
-    fn: Callable[..., Any], trees: Sequence[Params], args: Sequence[Any], strict: bool
-) -> tuple[list[list[Any]], list[Any], list[str], dict[str, tuple[str, ...]], tuple[str, ...]]:
-    """Traces ``fn(*trees, *args)``; returns per-tree flat specs, treedefs, group order, reports."""
-    flats, treedefs, paths = [], [], []
+    fn: Callable[..., Any], trees: Sequence[Params], args: Sequence[Any], masked: Callable[[str], bool]
+) -> _Found:
+    """Traces ``fn(*trees, *args)`` and reads the specs of every leaf of ``trees`` off the result.
+
+    ``masked(path)``: is that leaf zeroed on pruned channels (a parameter that
+    ADMM masks), as opposed to state that is only sliced when collapsing?
+    """
+    flats, paths = [], []
     for tree in trees:
-        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        leaves_with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
         flats.append([leaf for _, leaf in leaves_with_path])
-        treedefs.append(treedef)
         paths.extend(path_str(p) for p, _ in leaves_with_path)
     closed = jax.make_jaxpr(fn)(*trees, *args)
     jaxpr = closed.jaxpr
-    n_params = len(paths)
     t = _Tracer(paths)
     in_avals = []
     for i, v in enumerate(jaxpr.invars):
         shape = tuple(v.aval.shape)
-        if i < n_params:
+        if i < len(paths):
             descs = tuple(None if n == 1 else t.new_slot(i, ax, n) for ax, n in enumerate(shape))
-            in_avals.append(_AVal(shape, descs, (True,) * len(shape)))
+            in_avals.append(_AVal(shape, descs, (masked(paths[i]),) * len(shape)))
         else:
-            reason = f"input {i - n_params} of fn"
+            reason = f"input {i - len(paths)} of fn"
             descs = tuple(t.opaque(n, _BOUNDARY, reason) for n in shape)
             in_avals.append(_AVal(shape, descs, (False,) * len(shape)))
     outs = t.run(jaxpr, [t.constant(c, "constant") for c in closed.consts], in_avals)
@@ -1028,54 +1044,42 @@ def _analyze(
         for d in a.descs:
             t.poison(d, _BOUNDARY, f"reaches output {k} of fn")
 
-    # Name every class after its earliest producer, in program order.
-    names: dict[int, str] = {}
-    taken: set[str] = set()
-
-    def name_of(root: int) -> str:
-        if root not in names:
-            label = t.label[root]
-            base = t.base[label]
-            if t.offset[label] != 0 or t.size[root] != t.base_size[label]:
-                base = f"{base}[{t.offset[label]}:{t.offset[label] + t.size[root]}]"
-            name, n = base, 2
-            while name in taken:
-                name, n = f"{base}#{n}", n + 1
-            taken.add(name)
-            names[root] = name
-        return names[root]
-
-    roots_in_order = sorted(
-        {t.find(i) for i in range(len(t.parent)) if t.children[t.find(i)] is None and t.label[t.find(i)] is not None},
-        key=lambda r: t.label[r],
+    # Every class is named after its earliest producer: program order.
+    leaf_roots = {t.find(i) for i in range(len(t.parent))}
+    roots = sorted(
+        (r for r in leaf_roots if t.children[r] is None and t.label[r] is not None), key=lambda r: t.label[r]
     )
-    for r in roots_in_order:
-        name_of(r)
+    names: dict[int, str] = {}
+    for r in roots:
+        label = t.label[r]
+        base = t.base[label]
+        if t.offset[label] != 0 or t.size[r] != t.base_size[label]:
+            base = f"{base}[{t.offset[label]}:{t.offset[label] + t.size[r]}]"
+        name, n = base, 2
+        while name in names.values():
+            name, n = f"{base}#{n}", n + 1
+        names[r] = name
 
-    flat_specs: list[Any] = []
+    flat_specs: list[list[Any]] = []
     leaf = 0
     for tree_leaves in flats:
         specs = []
         for x in tree_leaves:
-            ndim = len(np.shape(x))
+            shape = tuple(np.shape(x))
             members = []
             for d in in_avals[leaf].descs:
-                if not isinstance(d, _Slot):
-                    continue
-                lay = t.slot_binding[t.sfind(d.id)]
+                lay = t.slot_binding[t.sfind(d.id)] if isinstance(d, _Slot) else None
                 if lay is None:
                     continue
-                axis = t.slot_owner[d.id][1] - ndim
-                roots = t.resolve(lay.segs)
-                total = sum(t.size[r] for r in roots)
-                offset = 0
-                for r in roots:
+                pieces = t.resolve(lay.segs)
+                total, offset = sum(t.size[r] for r in pieces), 0
+                for r in pieces:
                     if not t.poisoned[r] and t.label[r] is not None:
                         whole = offset == 0 and t.size[r] == total
                         cls = Channel if t.contracted[d.id] else Filter
                         members.append(
                             cls(
-                                axis=axis,
+                                axis=t.slot_owner[d.id][1] - len(shape),
                                 group=names[r],
                                 repeat=lay.repeat,
                                 offset=0 if whole else offset,
@@ -1083,97 +1087,103 @@ def _analyze(
                             )
                         )
                     offset += t.size[r]
-            members.sort(key=lambda s: (s.axis, s.offset))
+            members.sort(key=lambda m: (m.axis, m.offset))
             spec = None if not members else members[0] if len(members) == 1 else Coupled(tuple(members))
-            validate(spec, tuple(np.shape(x)), paths[leaf])
+            validate(spec, shape, paths[leaf])
             specs.append(spec)
             leaf += 1
         flat_specs.append(specs)
 
-    entries: dict[str, list[tuple[str, str]]] = {}
-    for r in roots_in_order:
-        if t.poisoned[r]:
-            entries[names[r]] = t.reasons[r]
+    entries: dict[str, list[tuple[str, str]]] = {names[r]: t.reasons[r] for r in roots if t.poisoned[r]}
     for sid, reasons in t.slot_reasons.items():
         entries.setdefault(t.slot_name(_Slot(sid)), reasons)
     unprunable = {name: tuple(dict.fromkeys(text for _, text in rs)) for name, rs in entries.items()}
-    notes = tuple(f"{names[r]}: {n}" for r in roots_in_order if not t.poisoned[r] for n in t.notes[r])
-    if strict:
-        # Channels that reach the inputs or outputs are not pruned anyway.
-        bad = {
-            name: unprunable[name]
-            for name, rs in entries.items()
-            if any(kind == _UNSUPPORTED for kind, _ in rs) and not any(kind == _BOUNDARY for kind, _ in rs)
-        }
-        if bad:
-            lines = "\n".join(f"  {name}: " + "; ".join(r) for name, r in bad.items())
-            raise DiscoveryError(f"cannot follow the channels of:\n{lines}")
-    group_order = [names[r] for r in roots_in_order if not t.poisoned[r]]
-    return flat_specs, treedefs, group_order, unprunable, notes
+    # Channels that reach the inputs or outputs are not pruned anyway.
+    unfollowed = tuple(
+        name
+        for name, rs in entries.items()
+        if any(kind == _UNSUPPORTED for kind, _ in rs) and not any(kind == _BOUNDARY for kind, _ in rs)
+    )
+    notes = tuple(f"{names[r]}: {n}" for r in roots if not t.poisoned[r] for n in t.notes[r])
+    order = [names[r] for r in roots if not t.poisoned[r]]
+    return _Found(flat_specs, order, unprunable, unfollowed, notes)
 
 
-def _finish(
-    flat_specs: list[list[Any]],
-    treedefs: list[Any],
-    trees: Sequence[Params],
-    group_order: list[str],
-    overrides: Mapping[str, Any] | None,
-) -> tuple[list[Specs], dict[str, Group]]:
-    """Applies ``overrides`` by path, checks the groups and builds the spec trees."""
-    paths = [[path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]] for tree in trees]
-    if overrides:
-        where = {p: (i, j) for i, ps in enumerate(paths) for j, p in enumerate(ps)}
-        unknown = sorted(set(overrides) - set(where))
+def spec_paths(specs: Specs) -> dict[str, Any]:
+    """``{path: spec}`` for every leaf of a spec tree, e.g. to pass as ``overrides``."""
+    return {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]}
+
+
+def _build(
+    found: _Found, trees: Sequence[Params], overrides: Mapping[str, Any] | Specs | None, strict: bool
+) -> Discovery:
+    """Applies ``overrides``, checks the groups and builds the :class:`Discovery`."""
+    if strict and found.unfollowed:
+        lines = "\n".join(f"  {n}: " + "; ".join(found.unprunable[n]) for n in found.unfollowed)
+        raise DiscoveryError(f"cannot follow the channels of:\n{lines}")
+    flat = [jax.tree_util.tree_flatten_with_path(tree) for tree in trees]
+    paths = [path_str(p) for leaves, _ in flat for p, _ in leaves]
+    shapes = [tuple(np.shape(x)) for leaves, _ in flat for _, x in leaves]
+    specs = [s for tree_specs in found.flat_specs for s in tree_specs]
+    if overrides is not None:
+        if any(jax.tree.structure(overrides, is_leaf=is_spec) == treedef for _, treedef in flat):
+            overrides = spec_paths(overrides)
+        index = {p: i for i, p in enumerate(paths)}
+        unknown = sorted(set(overrides) - set(index))
         if unknown:
             raise ValueError(f"overrides name parameters that do not exist: {unknown}")
         for p, spec in overrides.items():
-            i, j = where[p]
-            validate(spec, tuple(np.shape(jax.tree.leaves(trees[i])[j])), p)
-            flat_specs[i][j] = spec
-    all_specs = [s for specs in flat_specs for s in specs]
-    all_paths = [p for ps in paths for p in ps]
-    all_shapes = [tuple(np.shape(x)) for tree in trees for x in jax.tree.leaves(tree)]
+            validate(spec, shapes[index[p]], p)
+            specs[index[p]] = spec
     groups: dict[str, Group] = {}
-    found = coupled_groups(all_specs)
-    for name in [g for g in group_order if g in found] + [g for g in found if g not in group_order]:
-        members = found[name]
-        counts = {num_groups(all_shapes[i], s) for i, s in members}
+    members_of = coupled_groups(specs)
+    for name in [g for g in found.group_order if g in members_of] + sorted(set(members_of) - set(found.group_order)):
+        members = members_of[name]
+        counts = {num_groups(shapes[i], s) for i, s in members}
         if len(counts) != 1:
             raise ValueError(f"group {name!r}: members disagree on the channel count {sorted(counts)}")
-        groups[name] = Group(counts.pop(), tuple((all_paths[i], all_specs[i]) for i, _ in members))
-    trees_out = [jax.tree_util.tree_unflatten(td, specs) for td, specs in zip(treedefs, flat_specs)]
-    return trees_out, groups
+        groups[name] = Group(counts.pop(), tuple((paths[i], specs[i]) for i, _ in members))
+    out, start = [], 0
+    for leaves, treedef in flat:
+        out.append(jax.tree_util.tree_unflatten(treedef, specs[start : start + len(leaves)]))
+        start += len(leaves)
+    return Discovery(out[0], out[1] if len(out) > 1 else None, groups, found.unprunable, found.unfollowed, found.notes)
 
 
 def discover(
     fn: Callable[..., Any],
     params: Params,
     *args: Any,
-    overrides: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | Specs | None = None,
     strict: bool = False,
 ) -> Discovery:
     """Finds the coupled channel groups of ``fn(params, *args)`` from its jaxpr.
 
     Args:
-      fn: a pure function of the parameters and the inputs, e.g. ``lambda p,
-        x: nnx.merge(graphdef, p, rest)(x)`` (see
-        :func:`admmprune.models.apply_fn`) or a Linen ``lambda v, x:
-        model.apply(v, x, train=False)``. Everything it returns counts as
-        output (never pruned): return the predictions only, not updated state.
-        Arrays it captures instead of taking in ``params`` are constants;
-        channels they act on (e.g. captured BatchNorm statistics) are not
-        pruned, because they could not be removed from the constants.
+      fn: a pure function of the parameters and the inputs, in evaluation mode
+        (so that BatchNorm reads its running statistics), e.g. a Linen
+        ``model.apply`` with ``use_running_average=True``, or ``lambda p, x:
+        nnx.merge(graphdef, p, state)(x)``. Everything it returns counts as
+        output, whose channels are never pruned: return predictions only, not
+        updated state. Arrays it captures instead of taking them in ``params``
+        are constants; channels they act on are not pruned, because they
+        could not be removed from a constant (this is what happens to
+        BatchNorm statistics with :func:`admmprune.models.apply_fn`: use
+        :func:`discover_nnx` for NNX modules).
       params: a pytree of arrays (or ``jax.ShapeDtypeStruct``): an NNX
         ``State``, a Linen variables dict (``{"params": ..., "batch_stats":
-        ...}``; take ``specs["params"]`` for ADMM), or any pytree.
+        ...}``: ``specs["params"]`` is for ADMM, ``specs["batch_stats"]`` for
+        slicing the statistics), or any pytree. Every leaf is assumed to be
+        zeroed on pruned channels, except a Linen variables dict's
+        collections other than ``params``.
       *args: example inputs (arrays or ``jax.ShapeDtypeStruct``); only their
         shapes matter. Their channels are never pruned. Bind non-array
         arguments with :func:`functools.partial`.
-      overrides: ``{parameter path: spec or None}``, applied after discovery
-        and taking precedence over it, e.g. a model's declared chain
-        (:func:`admmprune.graph.chain_specs`) for some layers.
-      strict: raise :class:`DiscoveryError` rather than leaving unpruned the
-        channels that an operation that cannot be followed touches.
+      overrides: specs that take precedence over discovery: ``{parameter path:
+        spec or None}``, or a spec tree shaped like ``params`` such as a
+        declared chain's :func:`admmprune.graph.chain_specs`.
+      strict: raise :class:`DiscoveryError` rather than leave unpruned the
+        channels that an operation which cannot be followed touches.
 
     Returns:
       A :class:`Discovery`: ``specs`` shaped like ``params``, the groups, what
@@ -1185,20 +1195,28 @@ def discover(
       ValueError: if an override names no parameter or breaks a group.
 
     Examples:
-      >>> fn, params = apply_fn(models.get("lenet5"))
+      >>> fn, params = models.apply_fn(models.get("lenet5"))
       >>> found = discover(fn, params, jnp.zeros((2, 28, 28, 1)))
-      >>> found.specs["conv2"]["kernel"]
-      Coupled(specs=(Channel(axis=-2, group='conv1', ...), Filter(axis=-1, group='conv2', ...)))
+      >>> list(found.groups), list(found.unprunable)
+      (['conv1', 'conv2', 'fc1'], ['fc2'])
+      >>> found.groups["conv2"].members[-1]
+      ('fc1/kernel', Coupled(specs=(Channel(axis=-2, group='conv2', repeat=16, offset=0, size=None), \
+Filter(axis=-1, group='fc1', repeat=1, offset=0, size=None))))
     """
-    flat_specs, treedefs, order, unprunable, notes = _analyze(fn, (params,), args, strict)
-    (specs,), groups = _finish(flat_specs, treedefs, (params,), order, overrides)
-    return Discovery(specs, None, groups, unprunable, notes)
+    linen_vars = isinstance(params, Mapping) and "params" in params and len(params) > 1
+
+    def masked(path: str) -> bool:
+        return not linen_vars or path.startswith("params/")
+
+    return _build(_analyze(fn, (params,), args, masked), (params,), overrides, strict)
 
 
 def discover_specs(fn: Callable[..., Any], params: Params, *args: Any, **kwargs: Any) -> Specs:
-    """:func:`discover`'s spec tree; logs the report once (warnings for unfollowable ops)."""
+    """:func:`discover`'s spec tree; logs the report once, warning of unfollowed ops."""
     found = discover(fn, params, *args, **kwargs)
-    _log(found)
+    log.info("channel discovery:\n%s", found.report())
+    for name in found.unfollowed:
+        log.warning("channels of %s are not pruned: %s", name, "; ".join(found.unprunable[name]))
     return found.specs
 
 
@@ -1212,12 +1230,12 @@ def discover_nnx(
 
     The module is split into ``nnx.Param`` variables and the rest of its state
     (``BatchStat``, RNG state, ...), and ``model(*args)`` is traced in
-    evaluation mode (``model.eval()`` on a copy) as a function of both, so
-    that BatchNorm's running ``mean`` and ``var`` are followed like its
-    ``scale`` and ``bias``. ``specs`` is shaped like the ``nnx.Param`` state
-    (what ADMM and hard pruning take) and ``state_specs`` like the rest, in
-    the same groups, for removing channels physically. The module itself is
-    not modified.
+    evaluation mode (``eval()`` on a copy) as a function of both, so that
+    BatchNorm's running ``mean`` and ``var`` are followed like its ``scale``
+    and ``bias``. ``specs`` is shaped like the ``nnx.Param`` state (what ADMM
+    and hard pruning take) and ``state_specs`` like the rest, in the same
+    groups, for removing channels physically. The module is not modified; an
+    abstract one (``nnx.eval_shape``) works too.
 
     Args:
       model: an ``nnx.Module``.
@@ -1229,7 +1247,7 @@ def discover_nnx(
     Returns:
       A :class:`Discovery` with ``specs`` and ``state_specs``.
     """
-    from flax import nnx  # L3 may import flax; the rest of this module does not need it
+    from flax import nnx  # imported here: the rest of this module works without flax
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -1240,13 +1258,9 @@ def discover_nnx(
 
     if overrides is None:
         overrides = getattr(model, "pruning_overrides", None)
-    flat_specs, treedefs, order, unprunable, notes = _analyze(fn, (params, rest), args, strict)
-    (specs, state_specs), groups = _finish(flat_specs, treedefs, (params, rest), order, overrides)
-    return Discovery(specs, state_specs, groups, unprunable, notes)
+    param_paths = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    found = _analyze(fn, (params, rest), args, param_paths.__contains__)
+    return _build(found, (params, rest), overrides, strict)
 
 
-def _log(found: Discovery) -> None:
-    log.info("channel discovery:\n%s", found.report())
-
-
-__all__ = ["Discovery", "DiscoveryError", "Group", "discover", "discover_nnx", "discover_specs"]
+__all__ = ["Discovery", "DiscoveryError", "Group", "discover", "discover_nnx", "discover_specs", "spec_paths"]

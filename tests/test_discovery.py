@@ -29,8 +29,9 @@ from flax import nnx
 
 import admmprune as ap
 from admmprune import graph, models
+from admmprune._types import path_str
 from admmprune.discovery import DiscoveryError, discover, discover_nnx, discover_specs
-from admmprune.projections import coupled_groups, expand_groups, groups_alive, num_groups
+from admmprune.projections import coupled_groups, groups_alive, num_groups
 from admmprune.sparsity import Channel, Coupled, Filter, is_spec
 
 # --- helpers -------------------------------------------------------------------
@@ -38,8 +39,6 @@ from admmprune.sparsity import Channel, Coupled, Filter, is_spec
 
 def flat(specs):
     """``{path: spec}`` of a spec tree."""
-    from admmprune._types import path_str
-
     return {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]}
 
 
@@ -54,8 +53,18 @@ def random_keep(specs, params, seed):
         k[rng.integers(n)] = True
         if n > 1 and k.all():
             k[rng.integers(n)] = False
-        keep[name] = jnp.asarray(k)
+        keep[name] = k
     return keep
+
+
+def expand(keep, spec, shape):
+    """The mask of one member, straight from the spec's definition (numpy: fast on CPU)."""
+    axis = spec.axis % len(shape)
+    channels = shape[axis] // spec.repeat
+    full = np.ones(channels, bool)
+    full[spec.offset : channels if spec.size is None else spec.offset + spec.size] = keep
+    line = np.tile(full, spec.repeat).reshape([-1 if i == axis else 1 for i in range(len(shape))])
+    return np.broadcast_to(line, shape)
 
 
 def removed_by_role(specs, params, keep):
@@ -68,66 +77,52 @@ def removed_by_role(specs, params, keep):
         by_filter = np.zeros(x.shape, bool)
         by_channel = np.zeros(x.shape, bool)
         for m in members:
-            gone = ~np.asarray(expand_groups(keep[m.group], m, x.shape))
+            gone = ~expand(keep[m.group], m, x.shape)
             if isinstance(m, Filter):
                 by_filter |= gone
             else:
                 by_channel |= gone
         out.append((by_filter, by_channel))
-    return treedef, out
+    return out
 
 
-def perturb(params, which, seed):
-    """Random values at the ``which`` entries (positive ones for BatchNorm variances)."""
-    noise = randomize(params, seed)
+def replace(params, which, values):
     leaves, treedef = jax.tree.flatten(params)
-    new = [jnp.where(w, n * 2, x) for x, n, w in zip(leaves, jax.tree.leaves(noise), which)]
-    return treedef.unflatten(new)
+    return treedef.unflatten([np.where(w, v, x) for x, v, w in zip(leaves, jax.tree.leaves(values), which)])
 
 
 def check_dead(fn, params, specs, *args, consumers=True, producers=True, seed=0):
     """Pruned channels are dead (see the module docstring); returns the group keep vectors."""
     keep = random_keep(specs, params, seed)
     assert keep, "no group was discovered"
-    treedef, roles = removed_by_role(specs, params, keep)
-    masks = treedef.unflatten([None if not (f | c).any() else ~(f | c) for f, c in roles])
-    masked = ap.apply_masks(params, masks)
+    roles = removed_by_role(specs, params, keep)
+    masked = replace(params, [f | c for f, c in roles], jax.tree.map(np.zeros_like, params))
     f = jax.jit(fn)
     y = np.asarray(f(masked, *args))
     assert np.all(np.isfinite(y))
     scale = np.abs(y).max() + 1e-3
-    # The perturbed entries are all masked out.
+    noise = randomize(params, seed + 1)
     if producers:
-        y2 = np.asarray(f(perturb(masked, [fl for fl, _ in roles], seed + 1), *args))
+        y2 = np.asarray(f(replace(masked, [fl for fl, _ in roles], noise), *args))
         np.testing.assert_allclose(y2, y, atol=1e-4 * scale, err_msg="a removed channel reaches a kept one")
     if consumers:
-        y3 = np.asarray(f(perturb(masked, [ch for _, ch in roles], seed + 2), *args))
+        y3 = np.asarray(f(replace(masked, [ch for _, ch in roles], noise), *args))
         np.testing.assert_allclose(y3, y, atol=1e-4 * scale, err_msg="a removed channel is not zero where read")
-    # Not vacuous: perturbing kept producer entries does change the output.
-    flat_masks = jax.tree.leaves(masks, is_leaf=lambda v: v is None)
-    kept = [
-        np.zeros(x.shape, bool) if m is None else np.asarray(m) for m, x in zip(flat_masks, jax.tree.leaves(params))
-    ]
-    y4 = np.asarray(f(perturb(masked, kept, seed + 3), *args))
+    # Not vacuous: perturbing the kept entries of the pruned parameters does change the output.
+    kept = [(fl | ch).any() & ~(fl | ch) for fl, ch in roles]
+    y4 = np.asarray(f(replace(masked, kept, noise), *args))
     assert np.abs(y4 - y).max() > 1e-3 * scale
     return keep
 
 
-def eval_fn(model, randomize_stats=True):
-    """``fn(params, x)`` in eval mode, with random BatchNorm statistics captured."""
+def eval_fn(model):
+    """``fn(params, x)`` in eval mode, with random BatchNorm statistics captured.
+
+    ``model`` may be abstract (``nnx.eval_shape``): it has BatchNorm statistics
+    as its only non-``Param`` state then.
+    """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    if randomize_stats:
-        rng = np.random.default_rng(7)
-
-        def rand(path, v):
-            name = str(path[-2].key) if len(path) > 1 else ""
-            if name == "mean":
-                return jnp.asarray(rng.normal(size=v.shape), v.dtype)
-            if name == "var":
-                return jnp.asarray(rng.uniform(0.5, 2.0, size=v.shape), v.dtype)
-            return v
-
-        rest = jax.tree_util.tree_map_with_path(rand, rest)
+    rest = randomize(rest, seed=7)
 
     def fn(p, x):
         m = nnx.merge(graphdef, p, rest, copy=True)
@@ -138,14 +133,14 @@ def eval_fn(model, randomize_stats=True):
 
 
 def randomize(params, seed=3):
-    """Random weights (NNX initializes biases and BN offsets to 0 and scales to 1);
-    positive BatchNorm variances."""
+    """Random arrays shaped like ``params`` (NNX initializes biases and BN offsets to 0
+    and scales to 1), with positive BatchNorm variances."""
     rng = np.random.default_rng(seed)
 
     def rand(path, x):
-        if str(getattr(path[-1], "key", "")) == "var":
-            return jnp.asarray(rng.uniform(0.5, 2.0, x.shape), x.dtype)
-        return jnp.asarray(rng.normal(0, 0.5, x.shape), x.dtype)
+        if path_str(path).endswith("/var"):
+            return rng.uniform(0.5, 2.0, x.shape).astype(x.dtype)
+        return rng.normal(0, 0.5, x.shape).astype(x.dtype)
 
     return jax.tree_util.tree_map_with_path(rand, params)
 
@@ -187,7 +182,7 @@ def test_hard_pruning_removes_the_same_channels_from_every_member():
     model = models.get("lenet5", features=(6, 8, 12))
     fn, params = models.apply_fn(model)
     specs = discover_specs(fn, params, jnp.zeros((1, 28, 28, 1)))
-    _, masks = ap.hard_prune(randomize(params), specs, 0.5)
+    _, masks = jax.jit(lambda p: ap.hard_prune(p, specs, 0.5))(randomize(params))
     flat_masks = jax.tree.leaves(masks, is_leaf=lambda v: v is None)
     for name, members in coupled_groups(specs).items():
         alive = {tuple(np.asarray(groups_alive(flat_masks[i], s))) for i, s in members}
@@ -523,14 +518,19 @@ class Shuffle(nnx.Module):
         return self.conv3(jax.nn.relu(self.conv2(x)))
 
 
-def test_an_unfollowable_op_is_reported_or_raises():
+def test_an_unfollowable_op_is_reported_or_raises(caplog):
     found = discover_nnx(Shuffle(), X)
+    assert found.unfollowed == ("conv1",)
     assert list(found.groups) == ["conv2"]
     assert flat(found.specs)["conv1/kernel"] is None
     assert "unsupported primitive `gather`" in found.unprunable["conv1"][0]
     assert "test_discovery.py" in found.unprunable["conv1"][0]
     with pytest.raises(DiscoveryError, match="conv1.*`gather` at .*test_discovery.py"):
         discover_nnx(Shuffle(), X, strict=True)
+    fn, params = eval_fn(Shuffle())
+    specs = discover_specs(fn, params, X)
+    assert flat(specs)["conv2/kernel"] == Filter(group="conv2")
+    assert "channels of conv1 are not pruned: unsupported primitive `gather`" in caplog.text
 
 
 def test_captured_statistics_make_channels_unprunable():
@@ -557,6 +557,13 @@ def test_overrides_take_precedence():
     assert flat(found.state_specs)["bn/mean"] is None
     with pytest.raises(ValueError, match="do not exist"):
         discover_nnx(model, X, overrides={"conv9/kernel": None})
+    # A whole spec tree, e.g. a declared chain, replaces every spec.
+    lenet = models.get("lenet5", features=(3, 4, 5))
+    fn, params = models.apply_fn(lenet)
+    chain = graph.chain_specs(params, lenet.chain)
+    assert discover(fn, params, jnp.zeros((1, 28, 28, 1)), overrides=chain).specs == chain
+    with pytest.raises(ValueError, match="disagree"):
+        discover(fn, params, jnp.zeros((1, 28, 28, 1)), overrides={"conv2/bias": Filter(group="conv1")})
 
 
 # --- the model zoo ------------------------------------------------------------------------
@@ -570,7 +577,25 @@ def test_overrides_take_precedence():
     ],
 )
 def test_zoo_models(name, kwargs):
-    model = models.get(name, **kwargs)
+    model = nnx.eval_shape(lambda: models.get(name, **kwargs))  # building for real is slow on CPU
     found = run_case(model, X)
     assert found.groups and not found.notes
     assert list(found.unprunable) == [model.output_layer]
+
+
+class UnscaledBN(nnx.Module):
+    """BatchNorm without a scale, then a sum over the channels."""
+
+    def __init__(self):
+        self.conv = nnx.Conv(3, 4, (3, 3), rngs=R)
+        self.bn = nnx.BatchNorm(4, use_scale=False, rngs=R)
+
+    def __call__(self, x):
+        return self.bn(self.conv(x)).sum(axis=-1)
+
+
+def test_statistics_are_not_assumed_zero_on_pruned_channels():
+    # ADMM masks Params only: a pruned channel leaves BatchNorm as -mean / std + 0,
+    # which the sum over channels would still see.
+    found = discover_nnx(UnscaledBN(), X)
+    assert not found.groups and "reduces over the channels" in found.unprunable["conv"][0]
