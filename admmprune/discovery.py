@@ -199,7 +199,7 @@ _CALLS = {
 _ZERO_UNARY = {
     "neg", "abs", "sign", "floor", "ceil", "round", "sqrt", "cbrt", "square", "sin", "tan", "tanh", "asin",
     "atan", "sinh", "asinh", "atanh", "expm1", "log1p", "erf", "erf_inv", "real", "imag", "conj",
-    "convert_element_type", "reduce_precision", "copy", "copy_p", "population_count",
+    "convert_element_type", "reduce_precision", "copy", "copy_p", "population_count", "stop_gradient",
 }  # fmt: skip
 _OTHER_UNARY = {
     "exp", "exp2", "log", "logistic", "cos", "acos", "cosh", "acosh", "rsqrt", "erfc", "lgamma", "digamma",
@@ -219,14 +219,14 @@ _RANDOM = {
 }  # fmt: skip
 
 
-def _site(eqn: Any) -> str:
+def _where(eqn: Any) -> str:
+    """The user's source line of an equation, or ``""``."""
     try:
         from jax._src import source_info_util  # private, only used for messages
 
-        where = source_info_util.summarize(eqn.source_info)
+        return source_info_util.summarize(eqn.source_info)
     except Exception:  # noqa: BLE001 - a message without a location is still a message
-        where = "?"
-    return f"`{eqn.primitive.name}` at {where}"
+        return ""
 
 
 def _layer_name(path: str) -> str:
@@ -256,6 +256,7 @@ class _Tracer:
         self.slot_owner: list[tuple[int, int, int]] = []  # (leaf, axis, size)
         self.contracted: list[bool] = []
         self.slot_reasons: dict[int, list[tuple[str, str]]] = {}
+        self.where: list[str] = []  # source lines of the calls being followed
 
     # -- spaces --
 
@@ -481,11 +482,15 @@ class _Tracer:
 
     def eqn(self, eqn: Any, ins: list[_AVal]) -> list[_AVal]:
         name = eqn.primitive.name
-        site = _site(eqn)
-        if name in _CALLS:
-            return self.call(eqn, ins, site)
-        if name == "cond":
-            return self.cond(eqn, ins, site)
+        # Inside library functions (jnp.sort is a jit) the user's line is the call's.
+        where = _where(eqn) or (self.where[-1] if self.where else "?")
+        site = f"`{name}` at {where}"
+        if name in _CALLS or name == "cond":
+            self.where.append(where)
+            try:
+                return self.call(eqn, ins, site) if name in _CALLS else self.cond(eqn, ins, site)
+            finally:
+                self.where.pop()
         rule = _RULES.get(name)
         if rule is None:
             for group, fn in _GROUP_RULES:
@@ -619,7 +624,10 @@ def _contract(t: _Tracer, x: _AVal, ax: int, y: _AVal, ay: int, site: str) -> No
     for a, i in ((x, ax), (y, ay)):
         if isinstance(a.descs[i], _Slot):
             t.contracted[a.descs[i].id] = True
-    d = t.unify(x.descs[ax], y.descs[ay], site)
+    dx = x.descs[ax]
+    if isinstance(dx, _Slot) and isinstance(y.descs[ay], _Slot):
+        dx = t.materialize(dx)  # the inner dimension of a product of parameters (low rank)
+    d = t.unify(dx, y.descs[ay], site)
     if t.live(d) and not (x.zero[ax] or y.zero[ay]):
         t.poison(
             d,
@@ -956,6 +964,48 @@ def _concatenate(t: _Tracer, eqn: Any, ins: list[_AVal], site: str) -> list[_AVa
     return [_AVal(shape, tuple(descs), zero, all(a.allzero for a in ins))]
 
 
+def _gather(t: _Tracer, eqn: Any, ins: list[_AVal], site: str) -> list[_AVal]:
+    """Indexing along some axes: whole slices of the other axes pass through.
+
+    Nearest-neighbour upsampling and embedding lookups gather along spatial or
+    vocabulary axes and keep every channel; a gather along channels (a
+    channel permutation) makes them unprunable.
+    """
+    x = ins[0]
+    dn = eqn.params["dimension_numbers"]
+    sizes = eqn.params["slice_sizes"]
+    shape = t.out_shape(eqn)
+    indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+    kept = [a for a in range(len(x.shape)) if a not in dn.collapsed_slice_dims and a not in dn.operand_batching_dims]
+    reason = f"an axis indexed by {site}"
+    descs = [t.opaque(n, _UNSUPPORTED, reason) for n in shape]
+    zero = [False] * len(shape)
+    for o, a in zip(dn.offset_dims, kept, strict=True):
+        if a not in indexed and sizes[a] == x.shape[a]:
+            d = x.descs[a]
+            descs[o], zero[o] = (t.materialize(d) if isinstance(d, _Slot) else d), x.zero[a]
+        else:
+            indexed.add(a)
+    for a in indexed:
+        if t.live(x.descs[a]):
+            t.poison(x.descs[a], _UNSUPPORTED, f"{site} selects entries along the channels", report=False)
+    return [_AVal(shape, tuple(descs), tuple(zero))]
+
+
+def _dynamic_slice(t: _Tracer, eqn: Any, ins: list[_AVal], site: str) -> list[_AVal]:
+    x = ins[0]
+    shape = t.out_shape(eqn)
+    descs = []
+    for a, n in enumerate(shape):
+        if n == x.shape[a]:
+            descs.append(x.descs[a])
+            continue
+        if t.live(x.descs[a]):
+            t.poison(x.descs[a], _UNSUPPORTED, f"{site} takes part of the channels")
+        descs.append(t.opaque(n, _UNSUPPORTED, f"an axis sliced by {site}"))
+    return [_AVal(shape, tuple(descs), x.zero, x.allzero)]
+
+
 def _random(t: _Tracer, eqn: Any, ins: list[_AVal], site: str) -> list[_AVal]:
     """Random values take any shape: they never tie channels."""
     outs = []
@@ -983,6 +1033,8 @@ _RULES: dict[str, Callable[..., list[_AVal]]] = {
     "slice": _slice,
     "split": _split,
     "concatenate": _concatenate,
+    "gather": _gather,
+    "dynamic_slice": _dynamic_slice,
     "iota": _iota,
     "select_n": _elementwise,
     "clamp": _elementwise,

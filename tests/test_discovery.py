@@ -20,6 +20,8 @@ perturbation, of *kept* entries, must change the output: the check is not
 vacuous.
 """
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -381,6 +383,30 @@ def test_conv_transpose():
     assert specs["out/kernel"] == Channel(group="up")
 
 
+class Gathers(nnx.Module):
+    """Gathers along non-channel axes: an embedding lookup and nearest upsampling."""
+
+    def __init__(self):
+        self.embed = nnx.Embed(7, 4, rngs=R)
+        self.conv1 = nnx.Conv(4, 5, (3, 3), rngs=R)
+        self.conv2 = nnx.Conv(5, 2, (3, 3), rngs=R)
+
+    def __call__(self, ids):
+        x = self.embed(ids)  # (B, H, W, 4)
+        x = jax.nn.relu(self.conv1(x))
+        x = jax.image.resize(x, (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]), "nearest")
+        return self.conv2(x)
+
+
+def test_gathers_along_other_axes_keep_the_channels():
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 7, (2, 4, 4)), jnp.int32)
+    found = run_case(Gathers(), ids)
+    specs = flat(found.specs)
+    assert specs["embed/embedding"] == Filter(group="embed/embedding")
+    assert specs["conv1/kernel"] == Coupled((Channel(group="embed/embedding"), Filter(group="conv1")))
+    assert specs["conv2/kernel"] == Channel(group="conv1")
+
+
 class Norms(nnx.Module):
     def __init__(self, norm):
         self.conv1 = nnx.Conv(3, 4, (3, 3), rngs=R)
@@ -505,32 +531,45 @@ def test_linen_apply_function():
 # --- what cannot be followed ---------------------------------------------------------
 
 
-class Shuffle(nnx.Module):
-    """A channel permutation (a gather) between two convs."""
+class Unfollowable(nnx.Module):
+    """An operation between conv1 and conv2 that discovery cannot follow."""
 
-    def __init__(self):
+    def __init__(self, op):
         self.conv1 = nnx.Conv(3, 4, (3, 3), rngs=R)
         self.conv2 = nnx.Conv(4, 6, (3, 3), rngs=R)
         self.conv3 = nnx.Conv(6, 2, (3, 3), rngs=R)
+        self.op = op
 
     def __call__(self, x):
-        x = jax.nn.relu(self.conv1(x))[..., jnp.array([1, 0, 3, 2])]
+        x = self.op(jax.nn.relu(self.conv1(x)))
         return self.conv3(jax.nn.relu(self.conv2(x)))
 
 
-def test_an_unfollowable_op_is_reported_or_raises(caplog):
-    found = discover_nnx(Shuffle(), X)
+UNFOLLOWABLE = {
+    # A channel permutation.
+    "gather": (lambda x: x[..., jnp.array([1, 0, 3, 2])], "`gather` at .* selects entries along the channels"),
+    # A primitive without a rule: every channel it touches is left alone, even
+    # though this one only sorts along a spatial axis.
+    "sort": (lambda x: jnp.sort(x, axis=1), "unsupported primitive `sort` at "),
+}
+
+
+@pytest.mark.parametrize("op", UNFOLLOWABLE)
+def test_an_unfollowable_op_is_reported_or_raises(op, caplog):
+    fn_op, message = UNFOLLOWABLE[op]
+    model = Unfollowable(fn_op)
+    found = discover_nnx(model, X)
     assert found.unfollowed == ("conv1",)
     assert list(found.groups) == ["conv2"]
     assert flat(found.specs)["conv1/kernel"] is None
-    assert "unsupported primitive `gather`" in found.unprunable["conv1"][0]
+    assert re.search(message, found.unprunable["conv1"][0])
     assert "test_discovery.py" in found.unprunable["conv1"][0]
-    with pytest.raises(DiscoveryError, match="conv1.*`gather` at .*test_discovery.py"):
-        discover_nnx(Shuffle(), X, strict=True)
-    fn, params = eval_fn(Shuffle())
+    with pytest.raises(DiscoveryError, match="conv1: " + message):
+        discover_nnx(model, X, strict=True)
+    fn, params = eval_fn(model)
     specs = discover_specs(fn, params, X)
     assert flat(specs)["conv2/kernel"] == Filter(group="conv2")
-    assert "channels of conv1 are not pruned: unsupported primitive `gather`" in caplog.text
+    assert "channels of conv1 are not pruned" in caplog.text
 
 
 def test_captured_statistics_make_channels_unprunable():
