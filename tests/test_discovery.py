@@ -161,9 +161,9 @@ X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
 # --- the declared chains -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lenet5", "mlp"])
-def test_discovery_equals_the_declared_chain(name):
-    model = models.get(name)
+@pytest.mark.parametrize("name,kwargs", [("lenet5", {"features": (6, 8, 12)}), ("mlp", {"hidden": (30, 10)})])
+def test_discovery_equals_the_declared_chain(name, kwargs):
+    model = models.get(name, **kwargs)
     fn, params = models.apply_fn(model)
     x = jnp.zeros((2, 28, 28, 1))
     found = discover(fn, params, x)
@@ -173,22 +173,17 @@ def test_discovery_equals_the_declared_chain(name):
     assert list(found.groups) == [n for n, _ in model.chain[:-1]]
     assert list(found.unprunable) == [model.output_layer]
     assert discover_nnx(model, x).specs == found.specs
-    # The spec tree works with the pruning functions unchanged.
+    # The spec tree works with the pruning functions unchanged, and every member
+    # of a group loses the same channels.
+    params = randomize(params)
     _, masks = jax.jit(lambda p: ap.hard_prune(p, found.specs, 0.5))(params)
     widths = graph.group_widths(params, found.specs, masks)
     assert all(kept == int(ap.projections.num_kept(total, 0.5)) for kept, total in widths.values())
-    check_dead(fn, randomize(params), found.specs, jnp.ones((2, 28, 28, 1)))
-
-
-def test_hard_pruning_removes_the_same_channels_from_every_member():
-    model = models.get("lenet5", features=(6, 8, 12))
-    fn, params = models.apply_fn(model)
-    specs = discover_specs(fn, params, jnp.zeros((1, 28, 28, 1)))
-    _, masks = jax.jit(lambda p: ap.hard_prune(p, specs, 0.5))(randomize(params))
     flat_masks = jax.tree.leaves(masks, is_leaf=lambda v: v is None)
-    for name, members in coupled_groups(specs).items():
+    for group, members in coupled_groups(found.specs).items():
         alive = {tuple(np.asarray(groups_alive(flat_masks[i], s))) for i, s in members}
-        assert len(alive) == 1, name
+        assert len(alive) == 1, group
+    check_dead(fn, params, found.specs, jnp.ones((2, 28, 28, 1)))
 
 
 # --- hand-written models, one per kind of operation --------------------------------
