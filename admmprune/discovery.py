@@ -45,8 +45,12 @@ What each operation does:
   grouped convs, and depthwise with a channel multiplier, are unprunable.
 * elementwise ops (``add``, ``mul``, activations, ``select_n``, ...): all
   operands' axes are tied, which merges residual branches and puts biases and
-  normalization parameters (BatchNorm ``scale``/``bias``/``mean``/``var``,
-  LayerNorm ``scale``/``bias``) in the group.
+  normalization parameters in the group: BatchNorm ``scale``/``bias``,
+  LayerNorm and GroupNorm ``scale``/``bias``, and BatchNorm's running
+  ``mean``/``var`` when they are traced as inputs (:func:`discover_nnx`
+  traces the non-``Param`` state and returns it as ``state_specs``; a Linen
+  variables dict is traced whole). Statistics captured as constants make
+  their channels unprunable, with a reason saying so.
 * ``reshape``: flattening an NHWC map gives ``repeat = H * W``; splitting the
   channels (GroupNorm with ``1 < num_groups < C``, NCHW flattening) makes
   them unprunable, because single channels cannot be removed without moving
@@ -59,13 +63,20 @@ What each operation does:
   ``reduce_sum`` makes them unprunable, and an exact ``reduce_sum`` over
   channels (LayerNorm statistics) is reported in :attr:`Discovery.notes`,
   because statistics over channels change when the model is collapsed.
+* ``gather`` and ``dynamic_slice`` along other axes (nearest upsampling,
+  embedding lookups) keep the channels; along channels (a permutation) they
+  make them unprunable.
 * calls (``jit``/``pjit``, ``closed_call``, ``custom_jvp_call``,
   ``custom_vjp_call``, ``remat``) and ``cond`` are followed inside; random
   bits take the shape of what they are combined with.
-* anything else (``gather``, ``scatter``, ``scan``, ``while``, sorting, ...):
-  every channel it touches is unprunable, and the reason names the primitive
-  and where it was called. With ``strict=True`` this raises
-  :class:`DiscoveryError` instead.
+* the inputs and outputs of ``fn``: their channels are never pruned (the
+  output layer's units, and the input rows of the first layer).
+* anything else (``scatter``, ``scan``, ``while``, sorting, ...): every
+  channel it touches is unprunable, and the reason names the primitive and
+  the user's source line (:attr:`Discovery.unprunable`,
+  :attr:`Discovery.unfollowed`, logged by :func:`discover_specs`). With
+  ``strict=True`` this raises :class:`DiscoveryError` instead. No operation
+  is ever assumed to pass channels through without a rule that says so.
 
 Shape-changing analysis runs on the host, outside ``jit``.
 """
