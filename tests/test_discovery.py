@@ -281,6 +281,27 @@ def test_concatenation_gives_offsets():
     assert {n: g.channels for n, g in found.groups.items()} == {"left": 4, "right": 5}
 
 
+class ConcatPlusConv(nnx.Module):
+    """A concatenation added to one conv's output: that conv's channels split in two groups."""
+
+    def __init__(self):
+        self.a = nnx.Conv(3, 4, (3, 3), rngs=R)
+        self.b = nnx.Conv(3, 5, (1, 1), rngs=R)
+        self.c = nnx.Conv(3, 9, (3, 3), rngs=R)
+        self.d = nnx.Conv(9, 2, (1, 1), rngs=R)
+
+    def __call__(self, x):
+        y = jnp.concatenate([jax.nn.relu(self.a(x)), jax.nn.relu(self.b(x))], -1) + self.c(x)
+        return self.d(jax.nn.relu(y))
+
+
+def test_concatenation_added_to_a_producer_slices_the_producer():
+    found = run_case(ConcatPlusConv(), X)
+    both = (Filter(group="a", offset=0, size=4), Filter(group="b", offset=4, size=5))
+    assert flat(found.specs)["c/kernel"] == Coupled(both)
+    assert flat(found.specs)["c/bias"] == Coupled(both)
+
+
 class SplitHeads(nnx.Module):
     """A channel split: each half of one conv's output feeds its own branch."""
 
