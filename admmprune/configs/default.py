@@ -60,7 +60,7 @@ def get_config() -> ConfigDict:
 
     # Phase 2 (method "admm"): one ADMM stage per ratio of prune.stages.
     c.admm = ConfigDict()
-    c.admm.epochs_per_stage = 3
+    c.admm.epochs_per_stage = 2
     c.admm.learning_rate = 0.01
     c.admm.schedule = "constant"
     # Initial penalty rho; it carries over from stage to stage.
@@ -70,12 +70,16 @@ def get_config() -> ConfigDict:
     c.admm.rho_schedule = "geometric"
     c.admm.rho_factor = 1.3
     c.admm.max_rho = 1.0
-    # Steps between the projections/dual updates.
-    c.admm.interval = 100
+    # Steps between the projections/dual updates. Short intervals matter: between
+    # two updates the penalty anchors the kept weights to their last value
+    # (Z = W + U there), so a long interval at a large rho stalls training.
+    # Measured on LeNet-5 at ratio 0.9 (README): 100 -> 98.46%, 20 -> 98.56%,
+    # 10 -> lower, 5 -> diverged.
+    c.admm.interval = 20
 
     # Phase 3: hard prune, then retrain with the masks fixed.
     c.retrain = ConfigDict()
-    c.retrain.epochs = 5
+    c.retrain.epochs = 8
     c.retrain.learning_rate = 0.01
     c.retrain.schedule = "cosine"
 
