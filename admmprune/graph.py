@@ -5,10 +5,10 @@ that acts on that channel: the layer's bias, and the rows of the next layer's
 kernel that read it. Such a set is one *group*, scored jointly and pruned as a
 whole, so that what is pruned can be physically removed.
 
-This module currently supports models that declare their layers as a *chain*
-(each layer feeds the next): :func:`chain_specs` turns the declaration into a
-spec tree of coupled groups. Discovery of groups from a traced program, for
-arbitrary architectures, builds on the same spec tree.
+Models that declare their layers as a *chain* (each layer feeds the next) get
+their groups from :func:`chain_specs`. :mod:`admmprune.discovery` derives the
+same spec trees for any architecture from the traced program (and equals
+:func:`chain_specs` on the chains), with a declaration as an override.
 """
 
 from __future__ import annotations

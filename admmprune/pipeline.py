@@ -6,7 +6,7 @@ notebook calls. It is the only reader of the config. It writes to ``workdir``:
 - ``config.json``: the config of the run (a workdir holds one run);
 - ``plan.txt``: every parameter and its sparsity spec;
 - ``checkpoints/``: orbax checkpoints with the data iterator's position;
-- ``metrics.jsonl``: training metrics every ``log_every`` steps;
+- ``metrics.jsonl``: per-step training metrics (loss, accuracy, ADMM residual, rho);
 - ``report.json``: the results, written last, atomically.
 
 A rerun of the same command resumes from the latest checkpoint (after a crash
