@@ -101,6 +101,7 @@ def admm(
     keep_ratio: float | Scalars = 1.0,
     interval: int = 100,
     rho_schedule: RhoSchedule | None = None,
+    round_to: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """ADMM for ``min loss(W) s.t. W in S``, as a gradient transformation.
 
@@ -116,6 +117,8 @@ def admm(
       interval: the projection and dual update run every ``interval`` steps.
       rho_schedule: how rho moves at each dual update; see
         :mod:`admmprune.schedules`. Default: constant.
+      round_to: keep a multiple of this many channels in every coupled group
+        (8 suits GPU tensor cores, 128 TPU matrix units).
 
     Returns:
       A transformation whose ``update`` needs ``params``. Its state is an
@@ -131,7 +134,7 @@ def admm(
     def init_fn(params: Params) -> AdmmState:
         rhos = _scalar_tree(rho, specs, "rho")
         ratios = _scalar_tree(keep_ratio, specs, "keep_ratio")
-        z, mask = project_tree(_map(lambda w: w, specs, params), specs, ratios)
+        z, mask = project_tree(_map(lambda w: w, specs, params), specs, ratios, round_to=round_to)
         support = _map(lambda w: jnp.ones(w.shape, jnp.bool_), specs, params)
         return AdmmState(
             count=jnp.zeros((), jnp.int32),
@@ -147,7 +150,7 @@ def admm(
 
     def dual_update(params: Params, state: AdmmState) -> AdmmState:
         v = _map(jnp.add, specs, params, state.u)
-        z, mask = project_tree(v, specs, state.keep_ratio, support=state.support)
+        z, mask = project_tree(v, specs, state.keep_ratio, support=state.support, round_to=round_to)
         u = _map(lambda u, w, z: u + w - z, specs, state.u, params, z)
         primal = _map(lambda w, z: _relative(_norm(w - z), w), specs, params, z)
         dual = _map(lambda r, w, z, z0: _relative(r * _norm(z - z0), w), specs, state.rho, params, z, state.z)

@@ -18,6 +18,7 @@ def hard_prune(
     keep_ratio: Any,
     *,
     support: Masks | None = None,
+    round_to: int = 1,
 ) -> tuple[Params, Masks]:
     """Projects the weights onto their sets and returns them with their masks.
 
@@ -29,11 +30,12 @@ def hard_prune(
       keep_ratio: the final fraction of groups kept, scalar or tree.
       support: optional allowed support, e.g. ``AdmmState.support`` so that
         groups removed in earlier stages stay removed.
+      round_to: keep a multiple of this many channels in every coupled group.
 
     Returns:
       ``(pruned_params, masks)``; ``masks`` is boolean, ``None`` where unpruned.
     """
-    return project_tree(params, specs, keep_ratio, support=support)
+    return project_tree(params, specs, keep_ratio, support=support, round_to=round_to)
 
 
 class MaskedState(NamedTuple):

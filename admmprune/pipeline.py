@@ -108,6 +108,7 @@ def check_config(config: ConfigDict) -> tuple[float, ...]:
     _positive_int(config.admm.epochs_per_stage, "admm.epochs_per_stage")
     _positive_int(config.retrain.epochs, "retrain.epochs", allow_zero=True)
     _positive_int(config.admm.interval, "admm.interval")
+    _positive_int(config.prune.round_to, "prune.round_to")
     _positive_int(config.data.batch_size, "data.batch_size")
     _positive_int(config.data.eval_batch_size, "data.eval_batch_size")
     _positive_int(config.log_every, "log_every")
@@ -248,7 +249,8 @@ def _make_tx(config, phase: Phase, specs, steps: int, masks=None) -> optax.Gradi
         return _sgd(config, _learning_rate(config.dense, steps))
     if phase.kind == "admm":
         return optax.chain(
-            ap.admm(specs, rho=config.admm.rho, interval=config.admm.interval, rho_schedule=_rho_schedule(config)),
+            ap.admm(specs, rho=config.admm.rho, interval=config.admm.interval, rho_schedule=_rho_schedule(config),
+                    round_to=config.prune.round_to),
             _sgd(config, _learning_rate(config.admm, steps)),
         )
     return optax.chain(_sgd(config, _learning_rate(config.retrain, steps)), ap.keep_masked(masks))
@@ -525,7 +527,9 @@ def _begin_phase(r: _Run, phase: Phase, phases: list[Phase], i: int, config) -> 
         r.opt_state = ap.set_stage(r.opt_state, 1.0 - phase.ratio)
     else:  # retrain: hard prune, then train with the masks fixed
         support = ap.find_state(r.opt_state).support if prev is not None and prev.kind == "admm" else None
-        r.params, r.masks = ap.hard_prune(r.params, r.specs, 1.0 - phase.ratio, support=support)
+        r.params, r.masks = ap.hard_prune(
+            r.params, r.specs, 1.0 - phase.ratio, support=support, round_to=r.config.prune.round_to
+        )
         r.opt_state = _make_tx(config, phase, r.specs, steps, r.masks).init(r.params)
 
 
@@ -537,7 +541,9 @@ def _finish_phase(r: _Run, phase: Phase, report: dict[str, Any], t: float) -> No
         r.log(f"dense     {phase.epochs} epochs  accuracy {100 * acc:.2f}%  [{t:.0f}s]")
     elif phase.kind == "admm":
         state = ap.find_state(r.opt_state)
-        pruned, _ = ap.hard_prune(r.params, r.specs, 1.0 - phase.ratio, support=state.support)
+        pruned, _ = ap.hard_prune(
+            r.params, r.specs, 1.0 - phase.ratio, support=state.support, round_to=r.config.prune.round_to
+        )
         acc, admm_acc = r.evaluate(pruned), r.evaluate()
         res = ap.residuals(state)
         rho = [float(x) for x in jax.tree.leaves(state.rho)]

@@ -166,12 +166,17 @@ def groups_alive(support: jax.Array, spec: Spec) -> jax.Array:
 # --- selection ---------------------------------------------------------------
 
 
-def num_kept(num_groups: int, keep_ratio: ArrayLike) -> jax.Array:
+def num_kept(num_groups: int, keep_ratio: ArrayLike, round_to: int = 1) -> jax.Array:
     """``k = clip(round(keep_ratio * G), 1, G)`` as an int32 array.
 
     At least one group is always kept, so that no layer vanishes by rounding.
+    With ``round_to = N > 1``, ``k`` is rounded to the nearest multiple of
+    ``N`` (at least ``N``), or is ``G`` when that is smaller: kept widths that
+    suit the hardware (8 for GPU tensor cores, 128 for TPU matrix units).
     """
     k = jnp.floor(jnp.asarray(keep_ratio, jnp.float32) * num_groups + 0.5)
+    if round_to > 1:
+        k = jnp.maximum(jnp.floor(k / round_to + 0.5), 1) * round_to
     return jnp.clip(k, 1, num_groups).astype(jnp.int32)
 
 
@@ -299,6 +304,7 @@ def project_tree(
     keep_ratio: Any = 1.0,
     *,
     support: Masks | None = None,
+    round_to: int = 1,
 ) -> tuple[Params, Masks]:
     """Projects every pruned leaf of ``tree``; coupled groups are projected jointly.
 
@@ -316,6 +322,8 @@ def project_tree(
       keep_ratio: a scalar, or a tree of scalars shaped like ``specs``. A group
         uses the ratio of its first member.
       support: optional masks tree (``None`` leaves where not pruned).
+      round_to: keep a multiple of this many channels in every coupled group
+        (see :func:`num_kept`).
 
     Returns:
       ``(projected, masks)``: the projected tree, and a tree of boolean masks
@@ -338,7 +346,7 @@ def project_tree(
         alive = None
         if support is not None:
             alive = jnp.all(jnp.stack([groups_alive(supports[i], spec) for i, spec in members]), axis=0)
-        keep = top_k_groups(scores, num_kept(channels.pop(), ratios[members[0][0]]), alive)
+        keep = top_k_groups(scores, num_kept(channels.pop(), ratios[members[0][0]], round_to), alive)
         for i, spec in members:
             m = expand_groups(keep, spec, leaves[i].shape)
             masks[i] = m if masks[i] is None else masks[i] & m

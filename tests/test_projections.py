@@ -292,3 +292,14 @@ def test_channel_slice_must_fit():
     for spec in (Channel(offset=4), Channel(offset=1, size=4), Channel(size=0), Channel(offset=-1)):
         with pytest.raises(ValueError, match="slice"):
             validate(spec, (3, 4, 5))
+
+
+@pytest.mark.parametrize("channels,keep,round_to,expected", [
+    (64, 0.5, 8, 32), (64, 0.3, 8, 16), (64, 0.05, 8, 8), (20, 0.1, 8, 8), (6, 0.5, 8, 6), (300, 0.5, 128, 128),
+])
+def test_round_to_keeps_hardware_friendly_widths(channels, keep, round_to, expected):
+    assert int(P.num_kept(channels, keep, round_to)) == expected
+    tree = [jax.random.normal(jax.random.key(channels), (3, channels)), jnp.ones((channels, 2))]
+    specs = [Filter(group="g"), Channel(group="g")]
+    _, masks = jax.jit(lambda t: P.project_tree(t, specs, keep, round_to=round_to))(tree)
+    assert int(np.asarray(masks[0]).any(0).sum()) == expected

@@ -57,6 +57,9 @@ def get_config() -> ConfigDict:
     # Ratios of the progressive stages, ending at `ratio`; None derives them:
     # removed fraction 0.5, 0.75, 0.875, ... while below ratio - 0.05, then ratio.
     c.prune.stages = config_dict.placeholder(tuple)
+    # Keep a multiple of this many channels in every layer (8 suits GPU tensor
+    # cores, 128 TPU matrix units); 1 keeps exactly round((1 - ratio) * C).
+    c.prune.round_to = 1
 
     # Phase 2 (method "admm"): one ADMM stage per ratio of prune.stages.
     c.admm = ConfigDict()
