@@ -30,6 +30,17 @@ from admmprune.sparsity import (
 
 __version__ = "0.1.0"
 
+
+def load(path):
+    """Rebuilds a model saved with ``admmprune.checkpoint.save_model`` (e.g. a
+    run's collapsed model), from its arrays and architecture metadata.
+
+    Imported lazily: the core namespace does not import flax or orbax.
+    """
+    from admmprune.checkpoint import load_model
+
+    return load_model(path)
+
 __all__ = [
     "AdmmState",
     "Block",
@@ -50,6 +61,7 @@ __all__ = [
     "geometric_rho",
     "hard_prune",
     "keep_masked",
+    "load",
     "mask_sparsity",
     "project",
     "project_tree",

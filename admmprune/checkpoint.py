@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 
 from admmprune._errors import UserError
 
-__all__ = ["Checkpointer", "Restored"]
+__all__ = ["Checkpointer", "Restored", "load_model", "save_model"]
 
 _STATE = "state"
 _DATA = "data_state"
@@ -229,3 +229,64 @@ class Checkpointer:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------
+# Whole models: arrays plus the architecture that gives them their shapes.
+
+
+def save_model(directory: str | os.PathLike, model: Any) -> None:
+    """Saves a registered NNX model with its architecture, for :func:`load_model`.
+
+    The arrays (parameters and other state, e.g. BatchNorm statistics) go to an
+    orbax checkpoint; the registry name and constructor arguments (the slim
+    widths of a collapsed model included) go to its JSON metadata. No pickle.
+
+    Args:
+        directory: A new or empty directory.
+        model: An instance of a class in :mod:`admmprune.models`.
+
+    Raises:
+        UserError: the model's class is not registered, or the directory holds
+            something else.
+    """
+    from flax import nnx
+
+    from admmprune import models
+
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise UserError(f"{directory} is not empty; save the model to a new directory")
+    meta = {"format": "admmprune.model/1", "model": models.name_of(model), "config": model.config}
+    state = nnx.to_pure_dict(nnx.state(model))
+    with Checkpointer(directory, max_to_keep=1) as ckpt:
+        ckpt.save(0, state, metadata=meta)
+
+
+def load_model(directory: str | os.PathLike) -> Any:
+    """Rebuilds a model saved by :func:`save_model`, without rerunning anything.
+
+    The architecture is built from the metadata with ``nnx.eval_shape`` (no
+    initialization), then filled with the saved arrays.
+
+    Raises:
+        UserError: the directory holds no saved model.
+    """
+    from flax import nnx
+
+    from admmprune import models
+
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        raise UserError(f"no saved model in {directory}: the directory does not exist")
+    with Checkpointer(directory, max_to_keep=1) as ckpt:
+        meta = ckpt.restore_metadata()
+        if meta.get("format") != "admmprune.model/1":
+            raise UserError(f"{directory} holds a checkpoint, not a model saved by admmprune.save_model")
+        abstract = nnx.eval_shape(lambda: models.get(meta["model"], **meta["config"], rngs=nnx.Rngs(0)))
+        target = nnx.to_pure_dict(nnx.state(abstract))
+        restored = ckpt.restore(target)
+    state = nnx.state(abstract)
+    nnx.replace_by_pure_dict(state, restored.state)
+    nnx.update(abstract, state)
+    return abstract

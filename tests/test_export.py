@@ -1,0 +1,56 @@
+"""Saving, loading and exporting models."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import admmprune
+from admmprune import export, models
+from admmprune._errors import UserError
+from admmprune.checkpoint import save_model
+
+
+@pytest.mark.parametrize("name,kwargs", [("lenet5", {"features": (3, 7, 30)}), ("resnet20", {"in_shape": (16, 16, 1)})])
+def test_save_and_load_rebuild_the_same_model(tmp_path, name, kwargs):
+    model = models.get(name, **kwargs)
+    x = jax.random.normal(jax.random.key(0), (2, *export.input_shape(model)))
+    if hasattr(model, "eval"):
+        model.eval()
+    save_model(tmp_path / "m", model)
+    loaded = admmprune.load(tmp_path / "m")
+    assert type(loaded) is type(model) and loaded.config == model.config
+    loaded.eval()
+    np.testing.assert_array_equal(loaded(x), model(x))
+
+
+def test_save_refuses_a_nonempty_dir_and_load_a_missing_one(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("keep")
+    with pytest.raises(UserError, match="not empty"):
+        save_model(tmp_path / "x", models.get("mlp", hidden=(4,)))
+    with pytest.raises(UserError, match="does not exist"):
+        admmprune.load(tmp_path / "nope")
+
+
+def test_export_runs_with_plain_jax(tmp_path):
+    model = models.get("lenet5", features=(3, 7, 30))
+    save_model(tmp_path / "m", model)
+    out = tmp_path / "lenet.jax"
+    assert export.main([str(tmp_path / "m"), "--output", str(out)]) == 0
+    x = np.asarray(jax.random.normal(jax.random.key(1), (5, 28, 28, 1)), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, numpy as np, jax\n"
+        f"f = jax.export.deserialize(open({str(out)!r}, 'rb').read())\n"
+        f"y = f.call(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, np.asarray(y))\n"
+        "assert not any(m.split('.')[0] in ('admmprune', 'flax') for m in sys.modules), 'imported admmprune/flax'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model(jnp.asarray(x)), rtol=1e-5, atol=1e-5)
+    assert export.main([str(tmp_path / "m"), "--output", str(out)]) == 2  # never overwrites
