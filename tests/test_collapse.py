@@ -1,0 +1,421 @@
+"""Collapse: the smaller model computes what the masked model computes.
+
+Every case discovers the channel groups, prunes them (hard pruning or random
+channels per group), collapses, and checks that the collapsed model
+
+* is a new, smaller module of the same class (for registered models: rebuilt
+  from ``config`` with the kept widths, which ``config`` then records),
+* leaves its input untouched (state and graph, train/eval flags included),
+* gives the masked model's outputs within 1e-5 relative error in evaluation
+  mode, in training mode (batch statistics), and again in evaluation mode
+  after the training-mode call has updated the running statistics of both,
+* runs under ``jax.jit``.
+
+Models are built abstractly and filled with random numbers (random running
+statistics too), because initializing them for real is slow on CPU.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import admmprune as ap
+from admmprune import models
+from admmprune._types import path_str
+from admmprune.collapse import alive_channels, collapse, consistent_masks, masked
+from admmprune.discovery import discover_nnx
+from admmprune.projections import coupled_groups, num_kept
+from admmprune.sparsity import Coupled, Filter, is_spec
+
+TOL = 1e-5
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def randomize(model, seed=0):
+    """Fills every variable with random numbers in place, like a trained model's.
+
+    Normalization scales are near 1 and offsets small, as after training; with
+    arbitrary ones, many channels are dead after the ReLU on most of a small
+    batch, and the next BatchNorm's batch variance then cancels catastrophically
+    in float32 (it is ``E[x^2] - E[x]^2``), in the masked and the collapsed
+    model differently.
+    """
+    rng = np.random.default_rng(seed)
+
+    def rand(path, x):
+        p = path_str(path)
+        if p.endswith("/var"):
+            y = rng.uniform(0.5, 2.0, x.shape)
+        elif p.endswith("/scale"):
+            y = rng.uniform(0.5, 1.5, x.shape)
+        elif p.endswith(("/bias", "/mean")):
+            y = rng.normal(0.0, 0.2, x.shape)
+        else:
+            y = rng.normal(0.0, 1.0, x.shape) / np.sqrt(max(1, math.prod(x.shape[:-1])))
+        return jnp.asarray(y.astype(x.dtype))
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(rand, nnx.state(model)))
+    return model
+
+
+def abstract_random(build, seed=0):
+    return randomize(nnx.eval_shape(build), seed)
+
+
+def expand(keep, spec, shape):
+    axis = spec.axis % len(shape)
+    channels = shape[axis] // spec.repeat
+    full = np.ones(channels, bool)
+    full[spec.offset : channels if spec.size is None else spec.offset + spec.size] = keep
+    line = np.tile(full, spec.repeat).reshape([-1 if i == axis else 1 for i in range(len(shape))])
+    return np.broadcast_to(line, shape)
+
+
+def group_masks(specs, params, keep):
+    """Masks that drop, in every member, the channels ``keep[group]`` marks False."""
+    flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    leaves = treedef.flatten_up_to(params)
+    out = []
+    for spec, x in zip(flat_specs, leaves):
+        if spec is None:
+            out.append(None)
+            continue
+        members = spec.specs if isinstance(spec, Coupled) else (spec,)
+        m = np.ones(x.shape, bool)
+        for s in members:
+            m = m & expand(keep[s.group], s, x.shape)
+        out.append(m)
+    return treedef.unflatten(out)
+
+
+def random_keep(found, rng, ratio=None):
+    """Random channels per group: exactly ``num_kept(C, ratio)`` of them, or a random number (maybe none)."""
+    keep = {}
+    for name, group in found.groups.items():
+        n = group.channels
+        k = int(num_kept(n, ratio)) if ratio is not None else int(rng.integers(0, n + 1))
+        a = np.zeros(n, bool)
+        a[rng.choice(n, k, replace=False)] = True
+        keep[name] = a
+    return keep
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a)), 1e-30))
+
+
+def n_params(model):
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def snapshot(model):
+    return nnx.graphdef(model), [np.array(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+def assert_unchanged(model, snap):
+    graphdef, leaves = snap
+    assert nnx.graphdef(model) == graphdef
+    now = jax.tree.leaves(nnx.state(model))
+    assert len(now) == len(leaves)
+    for a, b in zip(now, leaves):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def check_equivalent(ref, small, x):
+    """Max relative error of ``small`` against ``ref``: eval, train, eval again (both get train's updates)."""
+    errors = {}
+    for mode in ("eval", "train", "eval_after_train"):
+        flag = mode.split("_")[0]
+        getattr(ref, flag)()
+        getattr(small, flag)()
+        errors[mode] = rel_err(ref(x), small(x))
+    return errors
+
+
+def to64(model):
+    """Casts every floating variable to float64 in place (call under ``jax.enable_x64``)."""
+    nnx.update(model, jax.tree.map(lambda a: a.astype(jnp.float64), nnx.state(model)))
+    return model
+
+
+def jit_forward(model, x):
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+
+
+# --- the model zoo ---------------------------------------------------------------------------
+
+
+def scaled(name, divisor, **kwargs):
+    """The model's default widths divided by ``divisor`` (keeps every width equality)."""
+    widths = nnx.eval_shape(lambda: models.get(name, **kwargs)).widths
+    return {**kwargs, "widths": tuple(max(1, w // divisor) for w in widths)}
+
+
+CIFAR = {"in_shape": (8, 8, 3)}
+ZOO = [
+    # name, constructor kwargs, input shape, pruning ("hard": hard_prune at 0.5, else random half per group)
+    ("lenet5", {"features": (6, 8, 12)}, (4, 28, 28, 1), "hard"),
+    ("mlp", {"hidden": (30, 10)}, (4, 28, 28, 1), "hard"),
+    ("vgg11", scaled("vgg11", 16, in_shape=(16, 16, 3)), (16, 16, 16, 3), "hard"),
+    ("vgg16", scaled("vgg16", 16, in_shape=(16, 16, 3)), (16, 16, 16, 3), "random"),
+    ("vgg19", scaled("vgg19", 16, in_shape=(16, 16, 3)), (16, 16, 16, 3), "random"),
+    ("resnet20", CIFAR, (4, 8, 8, 3), "hard"),
+    ("resnet32", scaled("resnet32", 2, **CIFAR), (4, 8, 8, 3), "random"),
+    ("resnet56", scaled("resnet56", 2, **CIFAR), (4, 8, 8, 3), "random"),
+    ("resnet110", scaled("resnet110", 4, **CIFAR), (4, 8, 8, 3), "random"),
+    ("resnet18", scaled("resnet18", 8, in_shape=(32, 32, 3), num_classes=10), (16, 32, 32, 3), "random"),
+    ("resnet50", scaled("resnet50", 16, in_shape=(32, 32, 3), num_classes=10), (16, 32, 32, 3), "random"),
+    (
+        "mobilenetv2",
+        {"width_mult": 0.25, "in_shape": (16, 16, 3), "small_input": True, "num_classes": 4},
+        (8, 16, 16, 3),
+        "random",
+    ),
+    ("unet", {"base": 4, "depth": 3, "in_shape": (32, 32, 3), "num_classes": 3}, (2, 32, 32, 3), "hard"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,x_shape,how", ZOO, ids=[z[0] for z in ZOO])
+def test_zoo_collapses_to_the_masked_model(name, kwargs, x_shape, how):
+    model = abstract_random(lambda: models.get(name, **kwargs))
+    x = jnp.asarray(np.random.default_rng(1).normal(size=x_shape), jnp.float32)
+    found = discover_nnx(model, x)
+    params = nnx.state(model, nnx.Param)
+    if how == "hard":
+        _, masks = jax.jit(lambda p: ap.hard_prune(p, found.specs, 0.5))(params)
+    else:
+        masks = group_masks(found.specs, params, random_keep(found, np.random.default_rng(2), 0.5))
+    snap = snapshot(model)
+
+    small = collapse(model, masks, found)
+    ref = masked(model, masks, found)
+
+    assert type(small) is type(model) and small is not model
+    assert n_params(small) < n_params(model)
+    # Every width is the kept count of the group of its conv's output channels.
+    alive = alive_channels(found, masks)
+    specs = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(found.specs, is_leaf=is_spec)[0]}
+    layers = getattr(model, "width_layers", None) or [n for n, _ in model.chain[:-1]]
+    for layer, old, new in zip(layers, model.widths, small.widths, strict=True):
+        spec = specs[f"{layer}/kernel"]
+        out = [s for s in (spec.specs if isinstance(spec, Coupled) else (spec,)) if isinstance(s, Filter)]
+        assert len(out) == 1, layer
+        assert new == int(alive[out[0].group].sum()) == int(num_kept(old, 0.5)), layer
+    # config describes the collapsed model.
+    rebuilt = nnx.eval_shape(lambda: models.get(name, **small.config))
+    assert jax.tree.map(jnp.shape, nnx.state(rebuilt)) == jax.tree.map(jnp.shape, nnx.state(small))
+
+    # float32, evaluation mode: the masked model, eager, against the collapsed one under jit.
+    ref.eval()
+    small.eval()
+    err32 = rel_err(ref(x), jit_forward(small, x))
+    # float64, both modes: exact up to rounding. (In float32, training mode of these deep nets
+    # with random weights amplifies rounding past 1e-5 for the masked model alone, eager
+    # against jit: BatchNorm subtracts batch means that nearly cancel, so compare in float64.
+    # Standard promotion: Flax's batch statistics promote their dtype with float32.)
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        errors = check_equivalent(to64(ref), to64(small), x.astype(jnp.float64))
+    print(name, {"eval32": err32, **errors})
+    assert err32 < TOL
+    assert max(errors.values()) < 1e-10, errors
+    assert_unchanged(model, snap)
+
+
+# --- properties of the API -----------------------------------------------------------------
+
+
+def resnet_case(seed=0):
+    model = abstract_random(lambda: models.get("resnet20", widths=scaled("resnet20", 4)["widths"], **CIFAR), seed)
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=(4, 8, 8, 3)), jnp.float32)
+    return model, x, discover_nnx(model, x)
+
+
+def test_the_structural_copy_equals_the_rebuilt_model():
+    model, x, found = resnet_case()
+    masks = group_masks(found.specs, nnx.state(model, nnx.Param), random_keep(found, np.random.default_rng(0), 0.5))
+    model.eval()
+    rebuilt = collapse(model, masks, found)
+    copied = collapse(model, masks, found, rebuild=False)
+    assert rebuilt.config != model.config and copied.config == model.config  # only the rebuild updates config
+    assert jax.tree.map(jnp.shape, nnx.state(rebuilt)) == jax.tree.map(jnp.shape, nnx.state(copied))
+    # Both keep the input's mode (eval), so they agree without setting it.
+    assert rebuilt.stem.bn.use_running_average and copied.stem.bn.use_running_average
+    np.testing.assert_array_equal(np.asarray(rebuilt(x)), np.asarray(copied(x)))
+
+
+def test_a_fully_pruned_branch_keeps_one_dead_channel():
+    model, x, found = resnet_case(1)
+    keep = random_keep(found, np.random.default_rng(1), 0.5)
+    branch = "stage1/block0/conv1"  # the inner channels of a residual branch
+    keep[branch][:] = False
+    masks = group_masks(found.specs, nnx.state(model, nnx.Param), keep)
+    small = collapse(model, masks, found)
+    assert small.stage1["block0"].conv1.kernel.shape[-1] == 1
+    assert not np.any(np.asarray(small.stage1["block0"].conv1.kernel[...]))
+    assert not np.any(np.asarray(small.stage1["block0"].conv2.kernel[...]))
+    errors = check_equivalent(masked(model, masks, found), small, x)
+    assert max(errors.values()) < TOL, errors
+
+
+def test_masks_that_disagree_within_a_group_are_made_consistent():
+    model, x, found = resnet_case(2)
+    params = nnx.state(model, nnx.Param)
+    keep = random_keep(found, np.random.default_rng(2), 0.5)
+    masks = group_masks(found.specs, params, keep)
+    # One member of the stem group also drops a channel the others keep: the group drops it everywhere.
+    c = int(np.flatnonzero(keep["stem/conv"])[0])
+    i, spec = coupled_groups(found.specs)["stem/conv"][0]
+    _, treedef = jax.tree.flatten(found.specs, is_leaf=is_spec)
+    flat_masks = treedef.flatten_up_to(masks)
+    fewer = keep["stem/conv"].copy()
+    fewer[c] = False
+    flat_masks[i] = flat_masks[i] & expand(fewer, spec, flat_masks[i].shape)
+    masks = treedef.unflatten(flat_masks)
+    assert not alive_channels(found, masks)["stem/conv"][c]
+    keep["stem/conv"] = fewer
+    expected = treedef.flatten_up_to(group_masks(found.specs, params, keep))
+    for got, want in zip(treedef.flatten_up_to(consistent_masks(found, masks)), expected, strict=True):
+        assert (got is None and want is None) or np.array_equal(got, want)
+    errors = check_equivalent(masked(model, masks, found), collapse(model, masks, found), x)
+    assert max(errors.values()) < TOL, errors
+
+
+def test_errors():
+    model, _, found = resnet_case()
+    masks = group_masks(found.specs, nnx.state(model, nnx.Param), random_keep(found, np.random.default_rng(0), 0.5))
+    with pytest.raises(ValueError, match="state specs"):
+        collapse(model, masks, found.specs)  # the BatchNorm statistics would keep their width
+    with pytest.raises(ValueError, match="not a registered model"):
+        collapse(RandomNet((("conv", 2, 1, True),), rngs=nnx.Rngs(0)), {}, {}, rebuild=True)
+
+
+# --- random architectures ----------------------------------------------------------------
+
+
+class Relu(nnx.Module):
+    def __call__(self, x):
+        return nnx.relu(x)
+
+
+class Residual(nnx.Module):
+    """``x + bn2(conv2(relu(bn1(conv1(x)))))``: its inner channels may be pruned completely."""
+
+    def __init__(self, c, mid, k, *, rngs):
+        self.conv1 = nnx.Conv(c, mid, (k, k), padding="SAME", use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(mid, rngs=rngs)
+        self.conv2 = nnx.Conv(mid, c, (k, k), padding="SAME", use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(c, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.bn2(self.conv2(nnx.relu(self.bn1(self.conv1(x)))))
+
+
+class Concat(nnx.Module):
+    """``concat([x, relu(conv(x))])``: the consumer reads two groups at offsets."""
+
+    def __init__(self, c, out, *, rngs):
+        self.conv = nnx.Conv(c, out, (1, 1), rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.concatenate([x, nnx.relu(self.conv(x))], axis=-1)
+
+
+class FlatHead(nnx.Module):
+    """Flatten (H, W, C) -> dense -> relu -> dense: a dense layer with ``repeat = H * W``."""
+
+    def __init__(self, hw, c, hidden, out, *, rngs):
+        self.fc1 = nnx.Linear(hw * c, hidden, rngs=rngs)
+        self.fc2 = nnx.Linear(hidden, out, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(nnx.relu(self.fc1(x.reshape(x.shape[0], -1))))
+
+
+class PoolHead(nnx.Module):
+    def __init__(self, c, out, *, rngs):
+        self.fc = nnx.Linear(c, out, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc(x.mean(axis=(1, 2)))
+
+
+class RandomNet(nnx.Module):
+    """A network described by a plan of ops; it knows nothing about widths or configs.
+
+    Ops: ``("conv", out, k, bias)``, ``("bn",)``, ``("relu",)``, ``("dw", k)``
+    (depthwise), ``("res", mid, k)`` (:class:`Residual`), ``("cat", out)``
+    (:class:`Concat`); the head is ``("flat", hidden)`` or ``("pool",)``.
+    """
+
+    def __init__(self, plan, head=("pool",), *, in_shape=(5, 5, 3), out=3, rngs):
+        h, w, c = in_shape
+        layers = []
+        for op in plan:
+            kind = op[0]
+            if kind == "conv":
+                layers.append(nnx.Conv(c, op[1], (op[2], op[2]), padding="SAME", use_bias=op[3], rngs=rngs))
+                c = op[1]
+            elif kind == "bn":
+                layers.append(nnx.BatchNorm(c, rngs=rngs))
+            elif kind == "relu":
+                layers.append(Relu())
+            elif kind == "dw":
+                layers.append(
+                    nnx.Conv(c, c, (op[1], op[1]), padding="SAME", feature_group_count=c, use_bias=False, rngs=rngs)
+                )
+            elif kind == "res":
+                layers.append(Residual(c, op[1], op[2], rngs=rngs))
+            elif kind == "cat":
+                layers.append(Concat(c, op[1], rngs=rngs))
+                c += op[1]
+        self.body = nnx.List(layers)
+        self.head = FlatHead(h * w, c, head[1], out, rngs=rngs) if head[0] == "flat" else PoolHead(c, out, rngs=rngs)
+
+    def __call__(self, x):
+        for layer in self.body:
+            x = layer(x)
+        return self.head(x)
+
+
+widths = st.integers(1, 5)
+kernels = st.sampled_from([1, 3])
+ops = st.one_of(
+    st.tuples(st.just("conv"), widths, kernels, st.booleans()),
+    st.tuples(st.just("bn")),
+    st.tuples(st.just("relu")),
+    st.tuples(st.just("dw"), kernels),
+    st.tuples(st.just("res"), widths, kernels),
+    st.tuples(st.just("cat"), widths),
+)
+heads = st.one_of(st.tuples(st.just("pool")), st.tuples(st.just("flat"), widths))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    first=st.tuples(st.just("conv"), widths, kernels, st.booleans()),
+    plan=st.lists(ops, min_size=0, max_size=5),
+    head=heads,
+    seed=st.integers(0, 2**16),
+)
+def test_random_networks_collapse_to_the_masked_model(first, plan, head, seed):
+    rng = np.random.default_rng(seed)
+    model = abstract_random(lambda: RandomNet((first, *plan), head, rngs=nnx.Rngs(0)), seed)
+    x = jnp.asarray(rng.normal(size=(3, 5, 5, 3)), jnp.float32)
+    found = discover_nnx(model, x)
+    masks = group_masks(found.specs, nnx.state(model, nnx.Param), random_keep(found, rng))
+    snap = snapshot(model)
+    small = collapse(model, masks, found)
+    assert type(small) is RandomNet
+    assert n_params(small) <= n_params(model)
+    errors = check_equivalent(masked(model, masks, found), small, x)
+    assert max(errors.values()) < TOL, (errors, found.report())
+    assert_unchanged(model, snap)
