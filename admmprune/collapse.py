@@ -65,6 +65,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from admmprune import models
+from admmprune._errors import UserError
 from admmprune._types import Masks, Specs, path_str
 from admmprune.discovery import Discovery
 from admmprune.projections import coupled_groups
@@ -304,9 +306,6 @@ def _width_layers(model: Any) -> Sequence[str] | None:
 
 
 def _registered_name(model: Any) -> str | None:
-    from admmprune import models
-    from admmprune._errors import UserError
-
     try:
         name = models.name_of(model)
     except UserError:
@@ -317,8 +316,6 @@ def _registered_name(model: Any) -> str | None:
 
 def _rebuild(model: nnx.Module, name: str, params: Any) -> nnx.Module:
     """The registered model's abstract smaller copy, from its config and the new kernel widths."""
-    from admmprune import models
-
     shapes = _shapes(params)
     widths = []
     for layer in _width_layers(model):
