@@ -7,6 +7,7 @@ notebook calls. It is the only reader of the config. It writes to ``workdir``:
 - ``plan.txt``: every parameter and its sparsity spec;
 - ``checkpoints/``: orbax checkpoints with the data iterator's position;
 - ``metrics.jsonl``: per-step training metrics (loss, accuracy, ADMM residual, rho);
+- ``model/``: the collapsed model (``admmprune.load`` rebuilds it);
 - ``report.json``: the results, written last, atomically.
 
 A rerun of the same command resumes from the latest checkpoint (after a crash
@@ -38,8 +39,10 @@ from ml_collections import ConfigDict
 from tqdm import tqdm
 
 import admmprune as ap
+from admmprune import checkpoint as checkpoint_lib
+from admmprune import collapse as collapse_lib
 from admmprune import data as data_lib
-from admmprune import graph, measure, models
+from admmprune import discovery, graph, measure, models
 from admmprune._errors import UserError
 from admmprune.checkpoint import Checkpointer
 
@@ -90,12 +93,8 @@ def check_config(config: ConfigDict) -> tuple[float, ...]:
         raise UserError(f"the pruning ratio must be a number in (0, 1), got {ratio!r}")
     if config.model.name not in models.names():
         raise UserError(f"unknown model {config.model.name!r}; choose from {', '.join(models.names())}")
-    if not hasattr(models.get_class(config.model.name), "chain"):
-        supported = [n for n in models.names() if hasattr(models.get_class(n), "chain")]
-        raise UserError(
-            f"model {config.model.name!r} declares no layer chain, which this pipeline needs to couple "
-            f"its channels; models it can prune: {', '.join(supported)}"
-        )
+    if config.model.name == "unet":
+        raise UserError("unet is a segmentation model; this pipeline trains image classifiers (choose another model)")
     if config.prune.method not in METHODS:
         raise UserError(f"unknown method {config.prune.method!r}; choose from {', '.join(METHODS)}")
     for phase in ("dense", "admm", "retrain"):
@@ -112,6 +111,8 @@ def check_config(config: ConfigDict) -> tuple[float, ...]:
     _positive_int(config.data.batch_size, "data.batch_size")
     _positive_int(config.data.eval_batch_size, "data.eval_batch_size")
     _positive_int(config.log_every, "log_every")
+    _positive_int(config.measure.batch_size, "measure.batch_size")
+    _positive_int(config.measure.repeats, "measure.repeats")
     if config.checkpoint_every is not None:
         _positive_int(config.checkpoint_every, "checkpoint_every")
     _positive_float(config.admm.rho, "admm.rho")
@@ -265,7 +266,9 @@ def _admm_metrics(opt_state) -> dict[str, jax.Array]:
 
 def _make_train_step(graphdef, tx, *, admm_metrics: bool = False):
     def loss_fn(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
+        # copy=True: fresh Variables, so BatchNorm may update its statistics
+        # inside this (grad) trace.
+        model = nnx.merge(graphdef, params, rest, copy=True)
         logits = model(batch["image"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         _, _, rest = nnx.split(model, nnx.Param, ...)
@@ -310,14 +313,24 @@ class _Run:
         self.eval_source = data_lib.load_source(c.data.name, _sliced(c.data.eval_split, c.data.eval_limit), c.data.data_dir)
         self.normalize = (info.mean, info.std) if c.data.normalize and info.mean is not None else None
         self.model = models.get(c.model.name, **_input_kwargs(c.model.name, info), rngs=nnx.Rngs(c.seed))
+        self.example = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
+        self.model.eval()  # a graph definition in evaluation mode (BatchNorm running statistics)
+        self.eval_graphdef = nnx.split(self.model, nnx.Param, ...)[0]
+        self.model.train()
         self.graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
         self.params, self.rest = params, rest
-        self.specs = graph.chain_specs(params, graph.declared_chain(self.model))
+        if getattr(self.model, "chain", None) is not None:  # a declaration overrides discovery
+            self.specs, self.state_specs = graph.chain_specs(params, self.model.chain), None
+        else:
+            found = discovery.discover_nnx(self.model, self.example)
+            self.specs, self.state_specs = found.specs, found.state_specs
+            for name, reasons in found.unprunable.items():
+                log(f"not pruned: {name} ({'; '.join(reasons)})")
         n_train = len(self.train_source)
         self.steps_per_epoch = n_train // jax.process_count() // c.data.batch_size
         if self.steps_per_epoch < 1:
             raise UserError(f"data.batch_size {c.data.batch_size} is larger than the {n_train} training examples")
-        self.evaluate_fn = _make_eval(self.graphdef)
+        self.evaluate_fn = _make_eval(self.eval_graphdef)
         self.opt_state = None
         self.masks = None
 
@@ -330,33 +343,40 @@ class _Run:
             num_epochs=epochs, normalize=self.normalize, augment=augment,
         )
 
-    def evaluate(self, params=None) -> float:
+    def evaluate(self, params=None, *, model=None) -> float:
+        """Accuracy on the eval split of the current params, or of another ``model``."""
         c = self.config
-        params = self.params if params is None else params
+        if model is None:
+            fn, args = self.evaluate_fn, (self.params if params is None else params, self.rest)
+        else:
+            model.eval()
+            graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+            fn, args = _make_eval(graphdef), (p, rest)
         loader = data_lib.make_loader(
             self.eval_source, batch_size=c.data.eval_batch_size, seed=0, shuffle=False,
             drop_remainder=False, normalize=self.normalize, shard_index=0, shard_count=1,
         )
         correct = total = 0
         for batch in loader:
-            correct += int(self.evaluate_fn(params, self.rest, batch["image"], batch["label"]))
+            correct += int(fn(*args, batch["image"], batch["label"]))
             total += len(batch["label"])
         return correct / total
 
-    def measure(self, widths=None) -> dict[str, Any]:
-        """Params and per-example FLOPs of the model, or of a slimmer rebuild."""
-        model = self.model
-        if widths is not None:
-            cfg = {**self.model.config, type(self.model).widths_arg: tuple(widths)}
-            model = nnx.eval_shape(lambda: models.get(self.config.model.name, **cfg, rngs=nnx.Rngs(0)))
+    def measure(self, model: nnx.Module, *, latency: bool = True) -> dict[str, Any]:
+        """Params, per-example FLOPs (XLA's count) and eval-mode latency of ``model``."""
+        c = self.config
+        model.eval()
         _, params, _ = nnx.split(model, nnx.Param, ...)
-        x = jax.ShapeDtypeStruct((1, *self.info.image_shape), jnp.float32)
-        return {"params": measure.count_params(params), "flops": measure.flops(model, x)}
+        out = {"params": measure.count_params(params), "flops": measure.flops(model, self.example)}
+        if latency:
+            x = jnp.zeros((c.measure.batch_size, *self.info.image_shape), jnp.float32)
+            out["latency_ms"] = measure.latency_ms(model, x, repeats=c.measure.repeats)["median"]
+        return out
 
 
 def _input_kwargs(name: str, info) -> dict[str, Any]:
     """Constructor arguments that fit a model to the dataset's images and classes."""
-    params = inspect.signature(models.get_class(name)).parameters
+    params = inspect.signature(models.get_class(name).__init__).parameters
     kwargs: dict[str, Any] = {"num_classes": info.num_classes}
     if "in_shape" in params:
         kwargs["in_shape"] = tuple(info.image_shape)
@@ -489,14 +509,28 @@ def run(config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None =
 
     pruned_eval = report["retrain"]["accuracy"]
     r.masks = ap.find_state(r.opt_state, ap.MaskedState).masks  # the step donated the old buffers
+    trained = nnx.merge(r.graphdef, r.params, r.rest, copy=True)
+    slim = collapse_lib.collapse(trained, r.masks, r.specs, state_specs=r.state_specs)
     widths = graph.group_widths(r.params, r.specs, r.masks)
-    dense_m = r.measure()
-    slim_m = r.measure([widths[name][0] for name, _ in graph.declared_chain(r.model)[:-1]])
-    report["pruned"] = {"accuracy": pruned_eval, **slim_m}
+    dense_m = r.measure(trained)  # the dense architecture: latency and FLOPs depend on shapes only
+    slim_m = r.measure(slim)
+    batch = next(iter(data_lib.make_loader(
+        r.eval_source, batch_size=min(config.data.eval_batch_size, len(r.eval_source)), seed=0, shuffle=False,
+        drop_remainder=False, normalize=r.normalize, shard_index=0, shard_count=1,
+    )))
+    trained.eval()
+    diff = float(jnp.max(jnp.abs(trained(batch["image"]) - slim(batch["image"]))))
+    report["pruned"] = {"accuracy": pruned_eval, "params": slim_m["params"], "flops": slim_m["flops"]}
+    report["collapsed"] = {"accuracy": r.evaluate(model=slim), **slim_m, "max_abs_diff": diff,
+                           "latency_batch": config.measure.batch_size}
     report["dense"].update(dense_m)
     report["layers"] = {g: {"kept": k, "total": t} for g, (k, t) in widths.items()}
     report["params_removed"] = 1 - slim_m["params"] / dense_m["params"]
     report["flops_removed"] = 1 - slim_m["flops"] / dense_m["flops"]
+    report["speedup"] = dense_m["latency_ms"] / slim_m["latency_ms"]
+    model_dir = os.path.join(workdir, "model")
+    if jax.process_index() == 0 and not os.path.exists(model_dir):
+        checkpoint_lib.save_model(model_dir, slim)
     report["seconds"] = elapsed()
     report["machine"] = {"platform": platform.platform(), "jax": jax.__version__,
                          "devices": f"{jax.devices()[0].platform} x{jax.device_count()}"}
@@ -506,6 +540,7 @@ def run(config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None =
     log(
         f"done: accuracy {100 * pruned_eval:.2f}% (dense {100 * report['dense']['accuracy']:.2f}%), "
         f"params -{100 * report['params_removed']:.1f}%, FLOPs -{100 * report['flops_removed']:.1f}%, "
+        f"collapsed {report['speedup']:.1f}x faster (batch {config.measure.batch_size}), "
         f"{report['seconds']:.0f}s -> {os.path.join(workdir, 'report.json')}"
     )
     return report

@@ -9,11 +9,12 @@ import time
 
 import pytest
 
+import admmprune
 from admmprune import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
-TIMING_KEYS = {"seconds", "date", "machine"}
+TIMING_KEYS = {"seconds", "date", "machine", "latency_ms", "speedup"}
 
 
 def cli(*args, data_dir, timeout=300):
@@ -53,7 +54,7 @@ def smoke_run(tmp_path_factory, data_dir):
 
 
 def test_smoke_pipeline_writes_a_complete_report(smoke_run):
-    _workdir, report, result, _ = smoke_run
+    workdir, report, result, _ = smoke_run
     assert report["model"] == "lenet5" and report["dataset"] == "mnist" and report["method"] == "admm"
     assert report["ratio"] == 0.9
     assert [s["ratio"] for s in report["stages"]] == [0.5, 0.75, 0.9]
@@ -71,6 +72,14 @@ def test_smoke_pipeline_writes_a_complete_report(smoke_run):
     assert 0 < report["pruned"]["flops"] < 0.05 * report["dense"]["flops"]
     assert report["dense"]["accuracy"] > 0.5  # a real model learned on real MNIST
     assert 0 <= report["pruned"]["accuracy"] <= 1
+    # The collapsed model is the slim LeNet-5 and computes what the masked one does.
+    collapsed = report["collapsed"]
+    assert collapsed["params"] == 4_867 and collapsed["flops"] == report["pruned"]["flops"]
+    assert collapsed["max_abs_diff"] < 1e-4
+    assert abs(collapsed["accuracy"] - report["pruned"]["accuracy"]) <= 1 / 512
+    assert collapsed["latency_ms"] > 0 and report["dense"]["latency_ms"] > 0
+    slim = admmprune.load(os.path.join(workdir, "model"))
+    assert slim.widths == (2, 5, 50)
     # One summary line per phase and stage.
     lines = result.stdout.splitlines()
     for prefix in ("dense", "admm 0.5 ", "admm 0.75", "admm 0.9 ", "retrain", "done:"):
@@ -213,3 +222,21 @@ def test_help_explains_the_ratio_and_stages(capsys):
     out = capsys.readouterr().out
     assert "fraction of channels removed" in out
     assert "0.9 -> 0.5, 0.75, 0.9" in out
+
+
+def test_a_zoo_model_with_batchnorm_and_residuals_runs_through_the_cli(tmp_path, data_dir):
+    """ResNet-20: groups discovered from the traced program, collapsed at the end."""
+    workdir = str(tmp_path / "run")
+    result = cli(
+        "--workdir", workdir, "--ratio", "0.5", "--config.model.name=resnet20",
+        "--config.data.limit=256", "--config.data.eval_limit=128", "--config.data.batch_size=32",
+        "--config.dense.epochs=1", "--config.measure.batch_size=16", "--config.measure.repeats=2",
+        data_dir=data_dir,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(os.path.join(workdir, "report.json")) as f:
+        report = json.load(f)
+    assert report["dense"]["params"] == 272_186  # ResNet-20 on 1-channel input
+    assert all(layer["kept"] == layer["total"] // 2 for layer in report["layers"].values())
+    assert report["collapsed"]["max_abs_diff"] < 1e-4
+    assert 0.2 < report["collapsed"]["params"] / report["dense"]["params"] < 0.35

@@ -86,6 +86,12 @@ def get_config() -> ConfigDict:
     c.retrain.learning_rate = 0.01
     c.retrain.schedule = "cosine"
 
+    # Latency of the dense and collapsed models' jitted forward pass (eval
+    # mode): median of `repeats` timed calls at this batch size, warm-up excluded.
+    c.measure = ConfigDict()
+    c.measure.batch_size = 256
+    c.measure.repeats = 20
+
     # Per-step training metrics (loss, accuracy, ADMM residual and rho) are
     # fetched from the device and appended to metrics.jsonl every N steps.
     c.log_every = 50

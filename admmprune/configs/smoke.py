@@ -22,5 +22,6 @@ def get_config():
     c.retrain.epochs = 1
     c.log_every = 4
     c.checkpoint_every = 8
+    c.measure.repeats = 5
     c.progress = False
     return c
