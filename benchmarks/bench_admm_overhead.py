@@ -7,7 +7,8 @@ Run by hand (never a timed test):
 Model: LeNet-5 (431,080 parameters), batch 128, cross-entropy, SGD with
 momentum 0.9; ADMM prunes every kernel's filters but the output layer's, with
 its default dual-update interval (100 steps) and a geometric rho schedule.
-Both steps are timed in alternating rounds (the machine is shared and noisy);
+Both steps are timed in rounds that alternate which goes first (the machine is
+shared and noisy);
 the figure is the median of the per-round ratios ADMM / plain.
 """
 
@@ -78,8 +79,9 @@ def main():
             opt_state = ap.set_stage(opt_state, 0.5)
         runs[name] = [make_step(graphdef, tx), params, opt_state, []]
 
-    for _ in range(args.rounds):
-        for name, run in runs.items():
+    for r in range(args.rounds):
+        order = list(runs.items()) if r % 2 == 0 else list(runs.items())[::-1]  # no first-mover bias
+        for name, run in order:
             ms, run[1], run[2] = time_steps(run[0], run[1], run[2], batch, args.steps)
             run[3].append(ms)
     plain, admm = runs["plain"][3], runs["admm"][3]
