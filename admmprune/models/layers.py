@@ -1,7 +1,9 @@
-"""Small pieces shared by the models: pooling and flattening.
+"""Small pieces shared by the models: pooling, flattening, the widths mixin.
 
-Pure array functions; nothing here owns parameters.
+The functions are pure; nothing here owns parameters.
 """
+
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -41,3 +43,31 @@ def flatten(x: jax.typing.ArrayLike) -> jax.Array:
     """Flatten all axes but the first (row-major, so NHWC order for images)."""
     x = jnp.asarray(x)
     return x.reshape(x.shape[0], -1)
+
+
+class PerConvWidths:
+    """Mixin for models with one width per conv (the zoo's convnets).
+
+    The class sets ``self._config`` (its constructor keyword arguments but
+    ``rngs``, with the resolved ``widths``) and ``self._layers`` (the path of
+    the conv of each ``widths`` entry) in ``__init__``.
+    """
+
+    #: The constructor argument that :attr:`widths` comes from.
+    widths_arg: ClassVar[str] = "widths"
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Output channels of every conv, aligned with :attr:`width_layers`: the ``widths`` argument."""
+        return self._config["widths"]
+
+    @property
+    def width_layers(self) -> tuple[str, ...]:
+        """Paths of the convs whose output channels :attr:`widths` lists, in the same order."""
+        return self._layers
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor keyword arguments (all but ``rngs``, and but shorthands such as
+        ``width_mult`` or ``base`` that only choose default widths); JSON-serialisable."""
+        return dict(self._config)

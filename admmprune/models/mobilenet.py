@@ -14,13 +14,14 @@ Convs pad ``kernel // 2`` on each side, so any ``H, W >= 1`` works; with
 """
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.typing
 from flax import nnx
 
 from admmprune._errors import UserError
+from admmprune.models.layers import PerConvWidths
 from admmprune.models.resnet import ConvBN
 
 #: ``(expansion t, output channels c, repeats n, stride s)`` of each block group.
@@ -73,7 +74,7 @@ class InvertedResidual(nnx.Module):
         return x + y if self.residual else y
 
 
-class MobileNetV2(nnx.Module):
+class MobileNetV2(PerConvWidths, nnx.Module):
     """MobileNetV2 with an optional width multiplier and a small-input stride option.
 
     Layers and parameter paths: ``stem`` (``stem/conv``, ``stem/bn``),
@@ -117,7 +118,6 @@ class MobileNetV2(nnx.Module):
     """
 
     output_layer: ClassVar[str] = "head"
-    widths_arg: ClassVar[str] = "widths"
 
     def __init__(
         self,
@@ -209,21 +209,6 @@ class MobileNetV2(nnx.Module):
                 f"MobileNetV2 widths: block{i}/project/conv has {bw[-1]} channels but is added to its input, "
                 f"which has {c}; convs summed together need equal widths"
             )
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """Output channels of every conv, aligned with :attr:`width_layers`: the ``widths`` argument."""
-        return self._config["widths"]
-
-    @property
-    def width_layers(self) -> tuple[str, ...]:
-        """Paths of the convs whose output channels :attr:`widths` lists, in the same order."""
-        return self._layers
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments (all but ``rngs`` and ``width_mult``); JSON-serialisable."""
-        return dict(self._config)
 
     def __call__(self, x: jax.typing.ArrayLike) -> jax.Array:
         """Logits of shape ``(B, num_classes)`` for NHWC images ``(B, H, W, C)``."""

@@ -24,7 +24,7 @@ models on 28x28x1 MNIST with ``in_shape=(28, 28, 1)``.
 
 import functools
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ import jax.typing
 from flax import nnx
 
 from admmprune._errors import UserError
+from admmprune.models.layers import PerConvWidths
 
 _BN = {"momentum": 0.9, "epsilon": 1e-5}
 
@@ -157,7 +158,7 @@ class Bottleneck(nnx.Module):
         return nnx.relu(y + (x if self.shortcut is None else self.shortcut(x)))
 
 
-class ResNet(nnx.Module):
+class ResNet(PerConvWidths, nnx.Module):
     """Shared body of the registered ResNets; use a subclass such as :class:`ResNet20`.
 
     Layers and parameter paths: ``stem`` (:class:`ConvBN`: ``stem/conv``,
@@ -185,7 +186,6 @@ class ResNet(nnx.Module):
     """
 
     output_layer: ClassVar[str] = "head"
-    widths_arg: ClassVar[str] = "widths"
 
     block: ClassVar[type[BasicBlock] | type[Bottleneck]]
     #: Blocks per stage.
@@ -272,21 +272,6 @@ class ResNet(nnx.Module):
                         f"{type(self).__name__} widths: {path} has {by_layer[path]} channels but is added to the "
                         f"residual stream of {source}, which has {stream}; convs summed together need equal widths"
                     )
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """Output channels of every conv, aligned with :attr:`width_layers`: the ``widths`` argument."""
-        return self._config["widths"]
-
-    @property
-    def width_layers(self) -> tuple[str, ...]:
-        """Paths of the convs whose output channels :attr:`widths` lists, in the same order."""
-        return self._layers
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments (all but ``rngs``); JSON-serialisable."""
-        return dict(self._config)
 
     def __call__(self, x: jax.typing.ArrayLike) -> jax.Array:
         """Logits of shape ``(B, num_classes)`` for NHWC images ``(B, H, W, C)``."""

@@ -15,7 +15,7 @@ have one. ``base=64, depth=4`` is the paper's size (31.0M parameters).
 """
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ import jax.typing
 from flax import nnx
 
 from admmprune._errors import UserError
-from admmprune.models.layers import max_pool_2x2
+from admmprune.models.layers import PerConvWidths, max_pool_2x2
 
 _BN = {"momentum": 0.9, "epsilon": 1e-5}
 
@@ -67,7 +67,7 @@ class Up(nnx.Module):
         return nnx.relu(self.bn2(self.conv2(x)))
 
 
-class UNet(nnx.Module):
+class UNet(PerConvWidths, nnx.Module):
     """U-Net whose output is ``(B, H, W, num_classes)`` logits.
 
     Layers and parameter paths: ``down0`` ... ``down<depth-1>`` and ``bottom``
@@ -108,7 +108,6 @@ class UNet(nnx.Module):
     """
 
     output_layer: ClassVar[str] = "head"
-    widths_arg: ClassVar[str] = "widths"
 
     def __init__(
         self,
@@ -176,21 +175,6 @@ class UNet(nnx.Module):
                 f"UNet with depth {depth} needs H and W to be positive multiples of {2**depth}, got {tuple(hw)}; "
                 "pad or crop the images, or lower depth"
             )
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """Output channels of every conv, aligned with :attr:`width_layers`: the ``widths`` argument."""
-        return self._config["widths"]
-
-    @property
-    def width_layers(self) -> tuple[str, ...]:
-        """Paths of the convs whose output channels :attr:`widths` lists, in the same order."""
-        return self._layers
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments (all but ``rngs`` and ``base``); JSON-serialisable."""
-        return dict(self._config)
 
     def __call__(self, x: jax.typing.ArrayLike) -> jax.Array:
         """Per-pixel logits ``(B, H, W, num_classes)`` for NHWC images ``(B, H, W, C)``."""

@@ -14,17 +14,17 @@ instead, which is the same thing there and lets the model run on any
 """
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.typing
 from flax import nnx
 
 from admmprune._errors import UserError
-from admmprune.models.layers import max_pool_2x2
+from admmprune.models.layers import PerConvWidths, max_pool_2x2
 
 
-class VGG(nnx.Module):
+class VGG(PerConvWidths, nnx.Module):
     """Shared body of the registered VGGs; use :class:`VGG11`, :class:`VGG16` or :class:`VGG19`.
 
     Layers and parameter paths: ``conv1`` ... ``conv<N>`` (3x3, SAME, with
@@ -56,7 +56,6 @@ class VGG(nnx.Module):
     """
 
     output_layer: ClassVar[str] = "head"
-    widths_arg: ClassVar[str] = "widths"
     #: Default conv widths, one tuple per stage (each stage ends with a pool).
     stages: ClassVar[tuple[tuple[int, ...], ...]]
 
@@ -79,27 +78,13 @@ class VGG(nnx.Module):
         if len(in_shape) != 3 or in_shape[2] < 1 or min(in_shape[:2]) < 16:
             raise UserError(f"{name} in_shape must be (H, W, C) with H, W >= 16, got {in_shape}")
         self._config = {"widths": widths, "num_classes": int(num_classes), "in_shape": in_shape}
+        self._layers = tuple(f"conv{i}" for i in range(1, len(widths) + 1))
         c = in_shape[2]
         for i, w in enumerate(widths, start=1):
             setattr(self, f"conv{i}", nnx.Conv(c, w, (3, 3), padding="SAME", rngs=rngs))
             setattr(self, f"bn{i}", nnx.BatchNorm(w, momentum=0.9, epsilon=1e-5, rngs=rngs))
             c = w
         self.head = nnx.Linear(c, int(num_classes), rngs=rngs)
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        """Output channels of ``conv1`` ... ``conv<N>``: the ``widths`` argument."""
-        return self._config["widths"]
-
-    @property
-    def width_layers(self) -> tuple[str, ...]:
-        """Paths of the convs whose output channels :attr:`widths` lists, in the same order."""
-        return tuple(f"conv{i}" for i in range(1, len(self.widths) + 1))
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments (all but ``rngs``); JSON-serialisable."""
-        return dict(self._config)
 
     def __call__(self, x: jax.typing.ArrayLike) -> jax.Array:
         """Logits of shape ``(B, num_classes)`` for NHWC images ``(B, H, W, C)``."""
