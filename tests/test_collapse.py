@@ -30,7 +30,7 @@ from admmprune import models
 from admmprune._types import path_str
 from admmprune.collapse import alive_channels, collapse, consistent_masks, masked
 from admmprune.discovery import discover_nnx
-from admmprune.projections import coupled_groups, num_kept
+from admmprune.projections import coupled_groups, expand_groups, num_kept
 from admmprune.sparsity import Coupled, Filter, is_spec
 
 TOL = 1e-5
@@ -70,12 +70,8 @@ def abstract_random(build, seed=0):
 
 
 def expand(keep, spec, shape):
-    axis = spec.axis % len(shape)
-    channels = shape[axis] // spec.repeat
-    full = np.ones(channels, bool)
-    full[spec.offset : channels if spec.size is None else spec.offset + spec.size] = keep
-    line = np.tile(full, spec.repeat).reshape([-1 if i == axis else 1 for i in range(len(shape))])
-    return np.broadcast_to(line, shape)
+    """The elementwise mask of one channel member (True outside its slice)."""
+    return np.asarray(expand_groups(jnp.asarray(keep), spec, shape))
 
 
 def group_masks(specs, params, keep):

@@ -33,7 +33,7 @@ import admmprune as ap
 from admmprune import graph, models
 from admmprune._types import path_str
 from admmprune.discovery import DiscoveryError, discover, discover_nnx, discover_specs
-from admmprune.projections import coupled_groups, groups_alive, num_groups
+from admmprune.projections import coupled_groups, expand_groups, groups_alive, num_groups
 from admmprune.sparsity import Channel, Coupled, Filter, is_spec
 
 # --- helpers -------------------------------------------------------------------
@@ -60,13 +60,8 @@ def random_keep(specs, params, seed):
 
 
 def expand(keep, spec, shape):
-    """The mask of one member, straight from the spec's definition (numpy: fast on CPU)."""
-    axis = spec.axis % len(shape)
-    channels = shape[axis] // spec.repeat
-    full = np.ones(channels, bool)
-    full[spec.offset : channels if spec.size is None else spec.offset + spec.size] = keep
-    line = np.tile(full, spec.repeat).reshape([-1 if i == axis else 1 for i in range(len(shape))])
-    return np.broadcast_to(line, shape)
+    """The elementwise mask of one channel member (True outside its slice)."""
+    return np.asarray(expand_groups(jnp.asarray(keep), spec, shape))
 
 
 def removed_by_role(specs, params, keep):
