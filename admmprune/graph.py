@@ -97,13 +97,5 @@ def group_widths(params: Params, specs: Specs, masks: Masks | None = None) -> di
     return out
 
 
-def declared_chain(model: Any) -> Sequence[tuple[str, int]]:
-    """The model's declared chain, or a ``ValueError`` saying it has none."""
-    chain = getattr(model, "chain", None)
-    if chain is None:
-        raise ValueError(f"{type(model).__name__} declares no layer chain")
-    return chain
-
-
-__all__ = ["chain_specs", "declared_chain", "group_widths"]
+__all__ = ["chain_specs", "group_widths"]
 

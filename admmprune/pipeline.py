@@ -60,7 +60,6 @@ class Phase:
     kind: str
     epochs: int
     ratio: float | None = None  # the stage's ratio (admm) or the final one (retrain)
-    stage: int | None = None
 
     @property
     def name(self) -> str:
@@ -128,7 +127,7 @@ def plan_phases(config: ConfigDict, stages: tuple[float, ...]) -> list[Phase]:
     """The phases of a run, in order."""
     phases = [Phase("dense", config.dense.epochs)]
     if config.prune.method == "admm":
-        phases += [Phase("admm", config.admm.epochs_per_stage, r, i) for i, r in enumerate(stages)]
+        phases += [Phase("admm", config.admm.epochs_per_stage, r) for r in stages]
         phases.append(Phase("retrain", config.retrain.epochs, stages[-1]))
     else:  # one-shot magnitude pruning, fine-tuned for the same number of epochs
         epochs = config.admm.epochs_per_stage * len(stages) + config.retrain.epochs
@@ -493,8 +492,6 @@ def run(config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None =
                 restored = ckpt.restore(_abstract_like(target))
                 r.params, r.rest, r.opt_state = (restored.state[k] for k in ("params", "rest", "opt_state"))
                 data_state = restored.data_state
-                if phase.kind == "retrain":
-                    r.masks = ap.find_state(r.opt_state, ap.MaskedState).masks
                 if start_step >= steps:  # the phase had ended: on to the next one
                     continue
             else:
@@ -508,7 +505,8 @@ def run(config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None =
         ckpt.close()
 
     pruned_eval = report["retrain"]["accuracy"]
-    r.masks = ap.find_state(r.opt_state, ap.MaskedState).masks  # the step donated the old buffers
+    # The masks live in keep_masked's state (the jitted step donated earlier buffers).
+    r.masks = ap.find_state(r.opt_state, ap.MaskedState).masks
     trained = nnx.merge(r.graphdef, r.params, r.rest, copy=True)
     slim = collapse_lib.collapse(trained, r.masks, r.specs, state_specs=r.state_specs)
     widths = graph.group_widths(r.params, r.specs, r.masks)
