@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -402,22 +403,34 @@ def _finite(tree) -> bool:
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating))
 
 
-def run(config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+STOP_AFTER = (None, "dense")
+
+
+def run(
+    config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None = None, stop_after: str | None = None
+) -> dict[str, Any]:
     """Runs (or resumes, or reports as finished) the pipeline of ``config``.
 
     Args:
       config: a config like ``admmprune/configs/default.py``'s.
       workdir: the run's directory; created if missing.
       log: where the summary lines go (default: print to stdout).
+      stop_after: ``"dense"`` returns once the dense model is trained and saved
+        to ``workdir/dense`` (what ``python -m admmprune.analyze --config``
+        uses); a later call without it resumes the same run from there.
 
     Returns:
-      The report dict, as written to ``workdir/report.json``.
+      The report dict, as written to ``workdir/report.json``; with
+      ``stop_after="dense"`` the report so far (``dense`` filled in), which
+      is not written.
 
     Raises:
       UserError: for a bad config, a workdir that holds another run, data
         that cannot be had, or a loss that became NaN or infinite.
     """
     log = log or (lambda line: print(line, flush=True))
+    if stop_after not in STOP_AFTER:
+        raise ValueError(f"stop_after must be one of {STOP_AFTER}, got {stop_after!r}")
     stages = check_config(config)
     workdir = os.path.abspath(workdir)
     t_start = time.perf_counter()
@@ -478,8 +491,12 @@ def run(config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None =
                 "widths": list(r.model.widths)}
         ckpt.save(step, state, data_state=data_state, metadata=meta)
 
+    dense_dir = os.path.join(workdir, "dense")
     try:
         for i, phase in enumerate(phases):
+            if stop_after == "dense" and i > 0:
+                log(f"dense model in {dense_dir}")
+                return report
             if i < start_phase:
                 continue
             steps = phase.epochs * r.steps_per_epoch
@@ -499,6 +516,8 @@ def run(config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None =
             global_step = _train_phase(r, i, phase, tx, steps, start_step if resuming else 0, data_state,
                                        global_step, metrics, save, elapsed)
             _finish_phase(r, phase, report, elapsed() - t_phase)
+            if phase.kind == "dense":
+                _save_model_once(dense_dir, nnx.merge(r.graphdef, r.params, r.rest, copy=True))
             save(i, steps, global_step, None)
     finally:
         metrics.close()
@@ -526,9 +545,7 @@ def run(config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None =
     report["params_removed"] = 1 - slim_m["params"] / dense_m["params"]
     report["flops_removed"] = 1 - slim_m["flops"] / dense_m["flops"]
     report["speedup"] = dense_m["latency_ms"] / slim_m["latency_ms"]
-    model_dir = os.path.join(workdir, "model")
-    if jax.process_index() == 0 and not os.path.exists(model_dir):
-        checkpoint_lib.save_model(model_dir, slim)
+    _save_model_once(os.path.join(workdir, "model"), slim)
     report["seconds"] = elapsed()
     report["machine"] = {"platform": platform.platform(), "jax": jax.__version__,
                          "devices": f"{jax.devices()[0].platform} x{jax.device_count()}"}
@@ -542,6 +559,17 @@ def run(config: ConfigDict, workdir: str, *, log: Callable[[str], None] | None =
         f"{report['seconds']:.0f}s -> {os.path.join(workdir, 'report.json')}"
     )
     return report
+
+
+def _save_model_once(directory: str, model: nnx.Module) -> None:
+    """Saves ``model`` to ``directory`` unless it is there; a crash leaves no partial directory."""
+    if jax.process_index() != 0 or os.path.exists(directory):
+        return
+    tmp = f"{directory}.tmp-{os.getpid()}"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    checkpoint_lib.save_model(tmp, model)
+    os.replace(tmp, directory)
 
 
 def _abstract_like(tree):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
 import pytest
 
 import admmprune
@@ -150,6 +152,36 @@ def run_main(args, capsys):
     code = train.main(["--config", SMOKE, *args])
     err = capsys.readouterr().err
     return code, err
+
+
+def test_stop_after_dense_saves_the_dense_model_and_a_rerun_finishes_the_run(smoke_run, tmp_path, data_dir):
+    from admmprune import data, pipeline
+
+    config = train.load_config(SMOKE)
+    config.data.data_dir = data_dir
+    workdir = str(tmp_path / "run")
+    lines = []
+    # optax's cosine schedule mixes a float and an int32: not strict-promotion clean.
+    with jax.numpy_dtype_promotion("standard"):
+        partial = pipeline.run(config, workdir, log=lines.append, stop_after="dense")
+    assert not os.path.exists(os.path.join(workdir, "report.json"))
+    assert partial["dense"]["accuracy"] == smoke_run[1]["dense"]["accuracy"]
+    dense = admmprune.load(os.path.join(workdir, "dense"))
+    assert dense.widths == (20, 50, 500)
+    # The saved dense model is the trained one: its accuracy on the eval slice is the report's.
+    info = data.dataset_info("mnist", data_dir)
+    source = data.load_source("mnist", "test[:512]", data_dir)
+    batch = next(iter(data.make_loader(source, batch_size=512, seed=0, shuffle=False, drop_remainder=False,
+                                       normalize=(info.mean, info.std), shard_index=0, shard_count=1)))
+    dense.eval()
+    accuracy = float(np.mean(np.asarray(dense(batch["image"]).argmax(-1)) == batch["label"]))
+    assert accuracy == pytest.approx(partial["dense"]["accuracy"], abs=1e-6)
+
+    lines.clear()
+    with jax.numpy_dtype_promotion("standard"):
+        report = pipeline.run(config, workdir, log=lines.append)
+    assert any("resuming from checkpoint" in line for line in lines)
+    assert strip_timing(report) == strip_timing(smoke_run[1])
 
 
 @pytest.mark.parametrize(
