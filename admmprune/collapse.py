@@ -24,13 +24,16 @@ its statistics, and in training mode the batch statistics of the zero channel
 are ``0``), stays zero through zero-preserving activations, and is read by
 zeroed rows. Discovery only forms groups for which this holds.
 
-A group that keeps *no* channel keeps one anyway, its first, still zeroed: the
-registered model classes (like ``nnx.Conv``) need every width ``>= 1``, and a
-fully pruned residual branch is *not* equivalent to its shortcut in general:
-``bn2(conv2(0))`` is the constant ``bias`` in training mode and ``bias - mean *
-scale / std`` in evaluation mode, on the stream's kept channels, so dropping
-the branch would change the function. One dead channel computes exactly zero
-and costs a few weights.
+A group that keeps *no* channel is removed where the model can do without
+it: a registered model listing the group's layers in ``removable_layers``
+(the inner convs of a ResNet block) is rebuilt with width 0 there, and the
+block drops the branch's convs. A fully pruned residual branch is *not* just
+its shortcut: ``bn2(conv2(0))`` is the constant ``bias`` in training mode and
+``bias - mean * scale / std`` in evaluation mode, so the rebuilt block keeps
+``bn2`` and adds that constant (see :class:`admmprune.models.resnet.BasicBlock`).
+Elsewhere the group keeps one channel, its first, still zeroed: Flax layers
+need every width ``>= 1``, and one dead channel computes exactly zero and
+costs a few weights.
 
 Two ways to build the smaller model:
 
@@ -70,7 +73,7 @@ from admmprune._errors import UserError
 from admmprune._types import Masks, Specs, path_str
 from admmprune.discovery import Discovery
 from admmprune.projections import coupled_groups
-from admmprune.sparsity import CHANNEL_SPECS, Coupled, is_spec
+from admmprune.sparsity import CHANNEL_SPECS, Channel, Coupled, is_spec
 
 #: Module attributes that say train or eval mode; copied onto the collapsed model.
 _MODE_FLAGS = ("use_running_average", "deterministic")
@@ -98,7 +101,8 @@ def alive_channels(specs: Specs | Discovery, masks: Masks) -> dict[str, np.ndarr
 
     A channel is kept when every member of the group keeps some weight of it
     (``AND`` over the members of :func:`admmprune.projections.groups_alive`).
-    Members without a mask do not vote; a group none of whose members has a
+    Members without a mask do not vote, nor do leaves in several groups whose
+    mask is all ``False`` (a fully pruned branch's next conv); a group none of whose members has a
     mask keeps everything and is left out of the result.
 
     Args:
@@ -113,13 +117,24 @@ def alive_channels(specs: Specs | Discovery, masks: Masks) -> dict[str, np.ndarr
     _, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     flat_masks = treedef.flatten_up_to(masks)
     out: dict[str, np.ndarray] = {}
+    flat_specs = jax.tree.leaves(specs, is_leaf=is_spec)
     for name, members in coupled_groups(specs).items():
         for i, spec in members:
-            if flat_masks[i] is None:
+            if flat_masks[i] is None or _abstains(flat_masks[i], flat_specs[i]):
                 continue
             a = _alive(np.asarray(flat_masks[i]), spec)
             out[name] = a if name not in out else out[name] & a
     return out
+
+
+def _abstains(mask: Any, spec: Any) -> bool:
+    """A leaf in several groups whose mask is all ``False`` says nothing about any one of them.
+
+    The next conv of a fully pruned residual branch (input channels: the
+    branch's group, all removed; output channels: the residual stream's group)
+    is entirely zero; that must not remove the stream's channels.
+    """
+    return len(_members(spec)) > 1 and not np.any(np.asarray(mask))
 
 
 def _alive(mask: np.ndarray, spec: Any) -> np.ndarray:
@@ -314,6 +329,44 @@ def _registered_name(model: Any) -> str | None:
     return name if has and _width_layers(model) is not None else None
 
 
+def _removable_groups(model: Any, specs: Specs, params: Any) -> set[str]:
+    """Groups that may keep no channel: all their width layers are in ``model.removable_layers``."""
+    removable = set(getattr(model, "removable_layers", ()))
+    if not removable:
+        return set()
+    layer_groups: dict[str, set[str]] = {}  # group -> the width layers whose outputs it holds
+    flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
+    layers = set(_width_layers(model))
+    for (path, spec), x in zip(flat, treedef.flatten_up_to(params), strict=True):
+        p = path_str(path)
+        layer = p.rsplit("/", 1)[0]
+        if p.endswith("/kernel") and layer in layers:
+            for m in _members(spec):
+                if m.axis % np.ndim(x) == np.ndim(x) - 1:  # the kernel's outputs
+                    layer_groups.setdefault(m.group, set()).add(layer)
+    return {g for g, ls in layer_groups.items() if ls <= removable}
+
+
+def _unread_groups(params: Any, specs: Specs, groups: set[str], kept: Mapping[str, np.ndarray]) -> list[str]:
+    """Groups in ``groups`` that still keep channels but whose every reader (``Channel`` member) is empty."""
+    leaves = jax.tree.leaves(params)
+    out = []
+    for name, members in coupled_groups(specs).items():
+        if name not in groups or name not in kept or not kept[name].any():
+            continue
+        readers = [i for i, m in members if isinstance(m, Channel)]
+        if readers and all(np.size(leaves[i]) == 0 for i in readers):
+            out.append(name)
+    return out
+
+
+def _drop_empty(state: Any, target: nnx.Module) -> Any:
+    """``state`` without the empty variables that ``target`` does not have."""
+    have = set(_shapes(nnx.state(target)))
+    flat = nnx.to_flat_state(state)
+    return nnx.from_flat_state([(p, v) for p, v in flat if np.size(v[...]) or "/".join(map(str, p)) in have])
+
+
 def _rebuild(model: nnx.Module, name: str, params: Any) -> nnx.Module:
     """The registered model's abstract smaller copy, from its config and the new kernel widths."""
     shapes = _shapes(params)
@@ -437,18 +490,28 @@ def collapse(
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     alive = alive_channels(specs, masks)
+    removable = _removable_groups(model, specs, params) if name is not None else set()
     kept = {}
     for group, a in alive.items():
-        if not a.any():
+        if not a.any() and group not in removable:
             a = a.copy()
             a[0] = True  # one zeroed channel stands in for an empty group (see the module docstring)
         kept[group] = a
-    params = _slice_tree(_zeroed(params, specs, masks), specs, kept)
+    zeroed = _zeroed(params, specs, masks)
+    params = _slice_tree(zeroed, specs, kept)
+    while removable:  # a removable group that only feeds removed channels is dead too
+        dead = _unread_groups(params, specs, removable, kept)
+        if not dead:
+            break
+        kept.update({g: np.zeros_like(kept[g]) for g in dead})
+        params = _slice_tree(zeroed, specs, kept)
     rest = _slice_tree(rest, state_specs, kept)
 
     if name is not None:
         target = _rebuild(model, name, params)
         how = f"rebuilt from {type(model).__name__}'s config"
+        # A removed branch's variables are empty, and the rebuilt model has none there.
+        params, rest = (_drop_empty(s, target) for s in (params, rest))
     else:
         target = _restructure(model, graphdef, params, rest)
         how = f"copied from {type(model).__name__}"

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from admmprune._types import Masks, Params, Specs, path_str
 from admmprune.projections import coupled_groups, groups_alive, num_groups
@@ -80,7 +81,7 @@ def group_widths(params: Params, specs: Specs, masks: Masks | None = None) -> di
     A channel is kept when every member of its group keeps some weight of it;
     without ``masks`` every channel is kept.
     """
-    _flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     leaves = treedef.flatten_up_to(params)
     flat_masks = None if masks is None else treedef.flatten_up_to(masks)
     out = {}
@@ -90,9 +91,11 @@ def group_widths(params: Params, specs: Specs, masks: Masks | None = None) -> di
         if flat_masks is not None:
             alive = None
             for i, spec in members:
+                if isinstance(flat_specs[i], Coupled) and not bool(jnp.any(flat_masks[i])):
+                    continue  # a fully pruned branch's next conv: see collapse.alive_channels
                 a = groups_alive(flat_masks[i], spec)
                 alive = a if alive is None else alive & a
-            kept = int(alive.sum())
+            kept = total if alive is None else int(alive.sum())
         out[name] = (kept, total)
     return out
 

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import admmprune as ap
 from admmprune import models
+from admmprune._errors import UserError
 from admmprune._types import path_str
 from admmprune.collapse import alive_channels, collapse, consistent_masks, masked
 from admmprune.discovery import discover_nnx
@@ -281,18 +282,54 @@ def test_the_structural_copy_equals_the_rebuilt_model():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_a_fully_pruned_branch_keeps_one_dead_channel():
-    model, x, found = resnet_case(1)
+@pytest.mark.parametrize(
+    "name,kwargs,empty,gone",
+    [
+        # A basic block whose conv1 keeps nothing: conv1, bn1 and conv2 go, bn2 stays.
+        ("resnet20", scaled("resnet20", 4, **CIFAR), ["stage1/block0/conv1"], ["conv1", "bn1", "conv2"]),
+        # A bottleneck whose conv1 keeps nothing: conv3 reads the constant relu(bn2(0)).
+        ("resnet50", scaled("resnet50", 16, **CIFAR), ["stage2/block1/conv1"], ["conv1", "bn1", "conv2"]),
+        # A bottleneck whose conv2 keeps nothing: conv1's channels feed nothing, so they go too.
+        ("resnet50", scaled("resnet50", 16, **CIFAR), ["stage2/block1/conv2"],
+         ["conv1", "bn1", "conv2", "bn2", "conv3"]),
+    ],
+    ids=["basic", "bottleneck-conv1", "bottleneck-conv2"],
+)
+def test_a_fully_pruned_residual_branch_is_removed(name, kwargs, empty, gone):
+    model = abstract_random(lambda: models.get(name, **kwargs), 3)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 8, 8, 3)), jnp.float32)
+    found = discover_nnx(model, x)
+    params = nnx.state(model, nnx.Param)
     keep = random_keep(found, np.random.default_rng(1), 0.5)
-    branch = "stage1/block0/conv1"  # the inner channels of a residual branch
-    keep[branch][:] = False
-    masks = group_masks(found.specs, nnx.state(model, nnx.Param), keep)
+    for group in empty:
+        keep[group][:] = False
+    masks = group_masks(found.specs, params, keep)
+    # The residual stream keeps its channels although the next conv's kernel is all zero.
+    stream = alive_channels(found, masks)
+    assert all(stream[g].sum() == keep[g].sum() for g in keep if g not in empty)
+
     small = collapse(model, masks, found)
-    assert small.stage1["block0"].conv1.kernel.shape[-1] == 1
-    assert not np.any(np.asarray(small.stage1["block0"].conv1.kernel[...]))
-    assert not np.any(np.asarray(small.stage1["block0"].conv2.kernel[...]))
-    errors = check_equivalent(masked(model, masks, found), small, x)
-    assert max(errors.values()) < TOL, errors
+    block = empty[0].rsplit("/", 1)[0]
+    stage, b = block.split("/")
+    sblock = getattr(small, stage)[b]
+    assert all(getattr(sblock, layer) is None for layer in gone)
+    assert 0 in small.widths and small.config["widths"] == small.widths
+    # The dead-channel alternative (structural copy) keeps weights the removal saves.
+    assert n_params(small) < n_params(collapse(model, masks, found, rebuild=False))
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        ref, small = to64(masked(model, masks, found)), to64(small)
+        errors = check_equivalent(ref, small, x.astype(jnp.float64))
+    assert max(errors.values()) < 1e-10, errors
+    # A saved removed-branch model round-trips (width 0 in its config).
+    rebuilt = models.get(name, **small.config)
+    assert getattr(getattr(rebuilt, stage)[b], gone[0]) is None
+
+
+def test_zero_widths_are_refused_outside_residual_branches():
+    widths = list(nnx.eval_shape(lambda: models.get("resnet20")).widths)
+    widths[0] = 0  # the stem
+    with pytest.raises(UserError, match="removed branch"):
+        models.get("resnet20", widths=widths)
 
 
 def test_masks_that_disagree_within_a_group_are_made_consistent():

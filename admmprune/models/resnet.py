@@ -102,32 +102,53 @@ def max_pool_3x3_s2(x: jax.typing.ArrayLike) -> jax.Array:
     return functools.reduce(jnp.maximum, windows)
 
 
+def _constant_bn(bn: nnx.BatchNorm, x: jax.Array) -> jax.Array:
+    """``bn`` applied to a zero feature map, as one ``(B, 1, 1, C)`` row that broadcasts.
+
+    What a residual branch whose inner channels were all pruned computes: a
+    per-channel constant, ``bias`` in training mode (the batch statistics of
+    zeros are zero, and the running statistics move exactly as the full-size
+    map's would) and ``bias - mean * scale / sqrt(var + eps)`` in evaluation mode.
+    """
+    return bn(jnp.zeros((x.shape[0], 1, 1, bn.num_features), x.dtype))
+
+
 class BasicBlock(nnx.Module):
     """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``, two 3x3 convs.
 
     ``widths`` are the output channels of ``conv1``, ``conv2`` and, when the
     block has one, the ``shortcut`` projection (a 1x1 :class:`ConvBN`).
     ``conv1`` carries the stride.
+
+    A ``conv1`` width of 0 is a removed branch (every inner channel pruned):
+    ``conv1``, ``bn1`` and ``conv2`` are gone (``None``), and the branch is
+    the constant ``bn2(0)`` (see :func:`_constant_bn`), so the block is
+    ``relu(shortcut(x) + constant)``.
     """
 
     #: Convs in the order of their entries in ``widths`` (shortcut last).
     convs: ClassVar[tuple[str, ...]] = ("conv1", "conv2")
+    #: Convs whose width may be 0 (a removed branch).
+    removable: ClassVar[tuple[str, ...]] = ("conv1",)
     #: Output channels of the block per unit of stage width.
     expansion: ClassVar[int] = 1
 
     def __init__(self, in_features: int, widths: Sequence[int], *, strides: int, projection: bool, rngs: nnx.Rngs):
         w1, w2 = widths[:2]
-        self.conv1 = nnx.Conv(
-            in_features, w1, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), use_bias=False, rngs=rngs
-        )
-        self.bn1 = nnx.BatchNorm(w1, **_BN, rngs=rngs)
-        self.conv2 = nnx.Conv(w1, w2, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, rngs=rngs)
+        pad = ((1, 1), (1, 1))
+        # Each attribute is assigned once: NNX makes an attribute first set to None static.
+        self.conv1 = nnx.Conv(in_features, w1, (3, 3), strides, padding=pad, use_bias=False, rngs=rngs) if w1 else None
+        self.bn1 = nnx.BatchNorm(w1, **_BN, rngs=rngs) if w1 else None
+        self.conv2 = nnx.Conv(w1, w2, (3, 3), padding=pad, use_bias=False, rngs=rngs) if w1 else None
         self.bn2 = nnx.BatchNorm(w2, **_BN, rngs=rngs)
         self.shortcut = ConvBN(in_features, widths[2], 1, strides=strides, rngs=rngs) if projection else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nnx.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
+        if self.conv1 is None:
+            y = _constant_bn(self.bn2, x)
+        else:
+            y = nnx.relu(self.bn1(self.conv1(x)))
+            y = self.bn2(self.conv2(y))
         return nnx.relu(y + (x if self.shortcut is None else self.shortcut(x)))
 
 
@@ -136,25 +157,41 @@ class Bottleneck(nnx.Module):
 
     ``widths`` are the output channels of ``conv1``, ``conv2``, ``conv3`` and,
     when the block has one, the ``shortcut`` projection (a 1x1 :class:`ConvBN`).
+
+    Widths of 0 remove what is dead: with ``conv1`` at 0, ``conv2`` reads
+    zeros, so ``conv1``, ``bn1`` and ``conv2`` are gone and ``conv3`` reads the
+    constant ``relu(bn2(0))`` (one ``(B, 1, 1, C)`` row, exact because
+    ``conv3`` is 1x1); with ``conv2`` at 0 the whole branch is the constant
+    ``bn3(0)``.
     """
 
     convs: ClassVar[tuple[str, ...]] = ("conv1", "conv2", "conv3")
+    removable: ClassVar[tuple[str, ...]] = ("conv1", "conv2")
     expansion: ClassVar[int] = 4
 
     def __init__(self, in_features: int, widths: Sequence[int], *, strides: int, projection: bool, rngs: nnx.Rngs):
         w1, w2, w3 = widths[:3]
-        self.conv1 = nnx.Conv(in_features, w1, (1, 1), use_bias=False, rngs=rngs)
-        self.bn1 = nnx.BatchNorm(w1, **_BN, rngs=rngs)
-        self.conv2 = nnx.Conv(w1, w2, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), use_bias=False, rngs=rngs)
-        self.bn2 = nnx.BatchNorm(w2, **_BN, rngs=rngs)
-        self.conv3 = nnx.Conv(w2, w3, (1, 1), use_bias=False, rngs=rngs)
+        live = bool(w1 and w2)  # conv1 and conv2 compute something
+        self.conv1 = nnx.Conv(in_features, w1, (1, 1), use_bias=False, rngs=rngs) if live else None
+        self.bn1 = nnx.BatchNorm(w1, **_BN, rngs=rngs) if live else None
+        self.conv2 = (
+            nnx.Conv(w1, w2, (3, 3), strides, padding=((1, 1), (1, 1)), use_bias=False, rngs=rngs) if live else None
+        )
+        self.bn2 = nnx.BatchNorm(w2, **_BN, rngs=rngs) if w2 else None
+        self.conv3 = nnx.Conv(w2, w3, (1, 1), use_bias=False, rngs=rngs) if w2 else None
         self.bn3 = nnx.BatchNorm(w3, **_BN, rngs=rngs)
         self.shortcut = ConvBN(in_features, widths[3], 1, strides=strides, rngs=rngs) if projection else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nnx.relu(self.bn1(self.conv1(x)))
-        y = nnx.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
+        if self.conv3 is None:  # conv2 removed: the branch is bn3 of zeros
+            y = _constant_bn(self.bn3, x)
+        else:
+            if self.conv1 is None:  # conv1 removed: conv2 reads zeros, conv3 a constant
+                y = nnx.relu(_constant_bn(self.bn2, x))
+            else:
+                y = nnx.relu(self.bn1(self.conv1(x)))
+                y = nnx.relu(self.bn2(self.conv2(y)))
+            y = self.bn3(self.conv3(y))
         return nnx.relu(y + (x if self.shortcut is None else self.shortcut(x)))
 
 
@@ -210,8 +247,14 @@ class ResNet(PerConvWidths, nnx.Module):
         in_shape = tuple(int(s) for s in in_shape)
         if len(widths) != len(layers):
             raise UserError(f"{name} needs {len(layers)} widths (one per conv, see width_layers), got {len(widths)}")
-        if min(widths) < 1 or num_classes < 1:
-            raise UserError(f"{name} widths and num_classes must be >= 1, got {widths}, num_classes={num_classes}")
+        removable = set(self._removable(layers))
+        if any(w < (0 if layer in removable else 1) for layer, w in zip(layers, widths, strict=True)):
+            raise UserError(
+                f"{name} widths must be >= 1 (>= 0 for a removed branch's inner convs, see removable_layers), "
+                f"got {widths}"
+            )
+        if num_classes < 1:
+            raise UserError(f"{name} num_classes must be >= 1, got {num_classes}")
         if len(in_shape) != 3 or min(in_shape) < 1:
             raise UserError(f"{name} in_shape must be (H, W, C) with positive sizes, got {in_shape}")
         self._check_residual_widths(layers, widths)
@@ -254,6 +297,20 @@ class ResNet(PerConvWidths, nnx.Module):
                     defaults.append(out)
             c = out
         return tuple(layers), tuple(projections), tuple(defaults)
+
+    @classmethod
+    def _removable(cls, layers: Sequence[str]) -> tuple[str, ...]:
+        return tuple(p for p in layers if "/block" in p and p.rsplit("/", 1)[1] in cls.block.removable)
+
+    @property
+    def removable_layers(self) -> tuple[str, ...]:
+        """Width layers that may have width 0: the inner convs of residual branches.
+
+        A block whose inner channels are all pruned computes a constant on its
+        branch; :func:`admmprune.collapse.collapse` then builds it with width 0,
+        which drops the branch's convs (see :class:`BasicBlock`, :class:`Bottleneck`).
+        """
+        return self._removable(self._layers)
 
     def _check_residual_widths(self, layers: tuple[str, ...], widths: tuple[int, ...]) -> None:
         """Raises UserError where convs summed into one residual stream disagree."""
