@@ -44,7 +44,9 @@ channel :math:`c` in member :math:`m` of the group:
   LAMP (Lee et al., 2021) on channels: with the group's squared ``l2``
   scores sorted ascending, :math:`s_u / \sum_{v \ge u} s_v`. The largest
   channel scores 1 and every score lies in (0, 1] (0 for a zero channel),
-  which makes groups comparable in a global ranking.
+  which makes groups comparable in a global ranking. Within a group the
+  score increases with :math:`s_u`, so LAMP ranks channels exactly as
+  ``l2`` does: it differs only in ``select(..., scope="global")``.
 ``random``
   :math:`U(0, 1)` per channel from a ``jax.random`` key: the baseline.
 
