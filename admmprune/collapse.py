@@ -329,7 +329,7 @@ def _registered_name(model: Any) -> str | None:
     return name if has and _width_layers(model) is not None else None
 
 
-def _removable_groups(model: Any, specs: Specs, params: Any) -> set[str]:
+def removable_groups(model: Any, specs: Specs, params: Any) -> set[str]:
     """Groups that may keep no channel: all their width layers are in ``model.removable_layers``."""
     removable = set(getattr(model, "removable_layers", ()))
     if not removable:
@@ -490,7 +490,7 @@ def collapse(
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     alive = alive_channels(specs, masks)
-    removable = _removable_groups(model, specs, params) if name is not None else set()
+    removable = removable_groups(model, specs, params) if name is not None else set()
     kept = {}
     for group, a in alive.items():
         if not a.any() and group not in removable:
@@ -521,4 +521,4 @@ def collapse(
     return target
 
 
-__all__ = ["alive_channels", "collapse", "consistent_masks", "masked"]
+__all__ = ["alive_channels", "collapse", "consistent_masks", "masked", "removable_groups"]

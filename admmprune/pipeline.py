@@ -42,12 +42,12 @@ from tqdm import tqdm
 import admmprune as ap
 from admmprune import checkpoint as checkpoint_lib
 from admmprune import collapse as collapse_lib
+from admmprune import costs, criteria, discovery, gates, graph, measure, methods, models
 from admmprune import data as data_lib
-from admmprune import discovery, graph, measure, models
 from admmprune._errors import UserError
 from admmprune.checkpoint import Checkpointer
 
-METHODS = ("admm", "magnitude")
+METHODS = methods.METHODS
 SCHEDULES = ("constant", "cosine")
 RHO_SCHEDULES = ("constant", "geometric", "balancing")
 # Config fields that do not change results: a rerun may differ in them.
@@ -56,15 +56,17 @@ _RUNTIME_KEYS = ("progress",)
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """One training phase: ``dense``, ``admm`` (one per stage) or ``retrain``."""
+    """One training phase: ``dense``; ``admm`` (one per stage); ``sparsify`` (the
+    regularized training of the other methods); ``finetune`` (one per stage of
+    iterative magnitude pruning); ``retrain`` (masks fixed)."""
 
     kind: str
     epochs: int
-    ratio: float | None = None  # the stage's ratio (admm) or the final one (retrain)
+    ratio: float | None = None  # the stage's ratio (admm, finetune) or the final one
 
     @property
     def name(self) -> str:
-        return f"admm {self.ratio:g}" if self.kind == "admm" else self.kind
+        return f"{self.kind} {self.ratio:g}" if self.kind in ("admm", "finetune") else self.kind
 
 
 # --- config ---------------------------------------------------------------------
@@ -95,8 +97,7 @@ def check_config(config: ConfigDict) -> tuple[float, ...]:
         raise UserError(f"unknown model {config.model.name!r}; choose from {', '.join(models.names())}")
     if config.model.name == "unet":
         raise UserError("unet is a segmentation model; this pipeline trains image classifiers (choose another model)")
-    if config.prune.method not in METHODS:
-        raise UserError(f"unknown method {config.prune.method!r}; choose from {', '.join(METHODS)}")
+    methods.check(config)
     for phase in ("dense", "admm", "retrain"):
         if getattr(config, phase).schedule not in SCHEDULES:
             raise UserError(f"{phase}.schedule must be one of {SCHEDULES}, got {getattr(config, phase).schedule!r}")
@@ -127,12 +128,16 @@ def check_config(config: ConfigDict) -> tuple[float, ...]:
 def plan_phases(config: ConfigDict, stages: tuple[float, ...]) -> list[Phase]:
     """The phases of a run, in order."""
     phases = [Phase("dense", config.dense.epochs)]
-    if config.prune.method == "admm":
-        phases += [Phase("admm", config.admm.epochs_per_stage, r) for r in stages]
-        phases.append(Phase("retrain", config.retrain.epochs, stages[-1]))
+    method, per_stage = config.prune.method, config.admm.epochs_per_stage
+    if method == "admm":
+        phases += [Phase("admm", per_stage, r) for r in stages]
+    elif method == "magnitude" and config.magnitude.iterative:
+        phases += [Phase("finetune", per_stage, r) for r in stages]
+    elif method in methods.SPARSIFYING:
+        phases.append(Phase("sparsify", per_stage * len(stages), stages[-1]))
     else:  # one-shot magnitude pruning, fine-tuned for the same number of epochs
-        epochs = config.admm.epochs_per_stage * len(stages) + config.retrain.epochs
-        phases.append(Phase("retrain", epochs, stages[-1]))
+        return [*phases, Phase("retrain", per_stage * len(stages) + config.retrain.epochs, stages[-1])]
+    phases.append(Phase("retrain", config.retrain.epochs, stages[-1]))
     return phases
 
 
@@ -236,6 +241,12 @@ def _sgd(config: ConfigDict, learning_rate) -> optax.GradientTransformation:
     )
 
 
+def _weights_and_gates(trainable):
+    """Labels of a ``(params, gates)`` pair for ``optax.multi_transform``."""
+    params, g = trainable
+    return jax.tree.map(lambda _: "weights", params), jax.tree.map(lambda _: "gates", g)
+
+
 def _rho_schedule(config: ConfigDict) -> ap.schedules.RhoSchedule:
     a = config.admm
     if a.rho_schedule == "geometric":
@@ -245,7 +256,7 @@ def _rho_schedule(config: ConfigDict) -> ap.schedules.RhoSchedule:
     return ap.constant_rho()
 
 
-def _make_tx(config, phase: Phase, specs, steps: int, masks=None) -> optax.GradientTransformation:
+def _make_tx(config, phase: Phase, specs, steps: int, masks=None, *, gated: bool = False) -> optax.GradientTransformation:
     if phase.kind == "dense":
         return _sgd(config, _learning_rate(config.dense, steps))
     if phase.kind == "admm":
@@ -254,7 +265,17 @@ def _make_tx(config, phase: Phase, specs, steps: int, masks=None) -> optax.Gradi
                     round_to=config.prune.round_to),
             _sgd(config, _learning_rate(config.admm, steps)),
         )
-    return optax.chain(_sgd(config, _learning_rate(config.retrain, steps)), ap.keep_masked(masks))
+    if phase.kind == "sparsify":
+        lr = _learning_rate(config.admm, steps)
+        if gated:  # the (params, gates) pair; gates have their own penalty instead of weight decay
+            if config.prune.method == "relaxation":  # Adam: the budget's gradient scale varies by layer
+                gate_tx = optax.adam(config.relaxation.gate_learning_rate)
+            else:
+                gate_tx = optax.sgd(lr, momentum=config.optimizer.momentum or None)
+            return optax.multi_transform({"weights": _sgd(config, lr), "gates": gate_tx}, _weights_and_gates)
+        return methods.sparsify_tx(config, specs, _sgd(config, lr), lr)
+    section = config.admm if phase.kind == "finetune" else config.retrain
+    return optax.chain(_sgd(config, _learning_rate(section, steps)), ap.keep_masked(masks))
 
 
 def _admm_metrics(opt_state) -> dict[str, jax.Array]:
@@ -264,26 +285,35 @@ def _admm_metrics(opt_state) -> dict[str, jax.Array]:
     return {"primal_residual": sum(primal) / len(primal), "rho": jnp.max(jnp.stack(jax.tree.leaves(state.rho)))}
 
 
-def _make_train_step(graphdef, tx, *, admm_metrics: bool = False):
-    def loss_fn(params, rest, batch):
+def _make_train_step(graphdef, tx, *, admm_metrics: bool = False, gated=None):
+    """The jitted step; ``gated=(effective, penalty)`` trains a ``(params, gates)`` pair:
+    the model runs on ``effective(params, gates)`` and ``penalty(gates)`` joins the loss."""
+
+    def loss_fn(trainable, rest, batch):
+        params, extra = trainable, jnp.zeros((), jnp.float32)
+        if gated is not None:
+            effective, penalty = gated
+            params, extra = effective(*trainable), penalty(trainable[1])
         # copy=True: fresh Variables, so BatchNorm may update its statistics
         # inside this (grad) trace.
         model = nnx.merge(graphdef, params, rest, copy=True)
         logits = model(batch["image"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         _, _, rest = nnx.split(model, nnx.Param, ...)
-        return loss, (rest, logits)
+        return loss + extra, (rest, logits, loss, extra)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
-    def step(params, rest, opt_state, batch):
-        (loss, (rest, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+    def step(trainable, rest, opt_state, batch):
+        (_, (rest, logits, loss, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, rest, batch)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
         accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
         metrics = {"loss": loss, "accuracy": accuracy}
+        if gated is not None:
+            metrics["penalty"] = extra
         if admm_metrics:
             metrics.update(_admm_metrics(opt_state))
-        return params, rest, opt_state, metrics
+        return trainable, rest, opt_state, metrics
 
     return step
 
@@ -326,6 +356,8 @@ class _Run:
             self.specs, self.state_specs = found.specs, found.state_specs
             for name, reasons in found.unprunable.items():
                 log(f"not pruned: {name} ({'; '.join(reasons)})")
+        if c.prune.method == "magnitude" and c.prune.criterion == "bn_scale" and not gates.norm_scales(self.specs):
+            raise UserError(f"prune.criterion bn_scale needs normalization layers, and {c.model.name} has none")
         n_train = len(self.train_source)
         self.steps_per_epoch = n_train // jax.process_count() // c.data.batch_size
         if self.steps_per_epoch < 1:
@@ -333,6 +365,33 @@ class _Run:
         self.evaluate_fn = _make_eval(self.eval_graphdef)
         self.opt_state = None
         self.masks = None
+        self.gates = None  # per-channel gates (or logits) while a gated method trains them
+        self._budget = None
+
+    def gated(self, phase: Phase) -> bool:
+        """Whether ``phase`` trains gates next to the weights."""
+        return phase.kind == "sparsify" and methods.uses_gates(self.config, self.specs)
+
+    def gate_fns(self):
+        """``(effective, penalty)`` of the gated step: the gated params, and the loss term."""
+        config, specs = self.config, self.specs
+
+        def effective(params, g):
+            return gates.apply(params, methods.gate_values(config, g), specs)
+
+        macs_model = target = None
+        if config.prune.method == "relaxation":
+            if self._budget is None:
+                macs = costs.layer_macs(self.model, jnp.zeros(self.example.shape, self.example.dtype))
+                self._budget = methods.budget(config, self.params, specs, macs)
+            macs_model, target = self._budget
+        return effective, methods.penalty(config, macs_model, target)
+
+    def effective_params(self):
+        """The parameters the model computes with: gated while gates train."""
+        if self.gates is None:
+            return self.params
+        return gates.apply(self.params, methods.gate_values(self.config, self.gates), self.specs)
 
     # data
     def loader(self, phase_index: int, epochs: int):
@@ -487,6 +546,8 @@ def run(
                 f"checkpoint stays in {workdir}: lower the learning rate or rho and use a new --workdir"
             )
         state = {"params": r.params, "rest": r.rest, "opt_state": r.opt_state}
+        if r.gates is not None:
+            state["gates"] = r.gates
         meta = {"phase": phase_index, "phase_step": phase_step, "report": report, "elapsed": elapsed(),
                 "widths": list(r.model.widths)}
         ckpt.save(step, state, data_state=data_state, metadata=meta)
@@ -503,11 +564,17 @@ def run(
             resuming = i == start_phase and latest is not None
             t_phase = elapsed()
             # The masks live in keep_masked's state, so all-True ones give the same step.
-            tx = _make_tx(config, phase, r.specs, steps, _all_true(r.specs, r.params))
+            gated = r.gated(phase)
+            tx = _make_tx(config, phase, r.specs, steps, _all_true(r.specs, r.params), gated=gated)
             if resuming:
-                target = {"params": r.params, "rest": r.rest, "opt_state": jax.eval_shape(tx.init, r.params)}
+                r.gates = methods.init_gates(config, r.params, r.specs) if gated else None
+                trainable = (r.params, r.gates) if gated else r.params
+                target = {"params": r.params, "rest": r.rest, "opt_state": jax.eval_shape(tx.init, trainable)}
+                if gated:
+                    target["gates"] = r.gates
                 restored = ckpt.restore(_abstract_like(target))
                 r.params, r.rest, r.opt_state = (restored.state[k] for k in ("params", "rest", "opt_state"))
+                r.gates = restored.state.get("gates")
                 data_state = restored.data_state
                 if start_step >= steps:  # the phase had ended: on to the next one
                     continue
@@ -577,7 +644,7 @@ def _abstract_like(tree):
 
 
 def _begin_phase(r: _Run, phase: Phase, phases: list[Phase], i: int, config) -> None:
-    """The transition into phase ``i``: new optimizer state, stage edit, hard prune."""
+    """The transition into phase ``i``: new optimizer state, stage edit, pruning."""
     prev = phases[i - 1] if i else None
     steps = phase.epochs * r.steps_per_epoch
     if phase.kind == "dense":
@@ -586,12 +653,61 @@ def _begin_phase(r: _Run, phase: Phase, phases: list[Phase], i: int, config) -> 
         if prev is None or prev.kind != "admm":
             r.opt_state = _make_tx(config, phase, r.specs, steps).init(r.params)
         r.opt_state = ap.set_stage(r.opt_state, 1.0 - phase.ratio)
-    else:  # retrain: hard prune, then train with the masks fixed
-        support = ap.find_state(r.opt_state).support if prev is not None and prev.kind == "admm" else None
-        r.params, r.masks = ap.hard_prune(
-            r.params, r.specs, 1.0 - phase.ratio, support=support, round_to=r.config.prune.round_to
-        )
+    elif phase.kind == "sparsify":
+        if r.gated(phase):
+            r.gates = methods.init_gates(config, r.params, r.specs)
+            r.opt_state = _make_tx(config, phase, r.specs, steps, gated=True).init((r.params, r.gates))
+        else:
+            r.opt_state = _make_tx(config, phase, r.specs, steps).init(r.params)
+    else:  # finetune / retrain: prune, then train with the masks fixed
+        r.params, r.masks = _prune(r, phase, prev)
+        r.gates = None
         r.opt_state = _make_tx(config, phase, r.specs, steps, r.masks).init(r.params)
+
+
+def _prune(r: _Run, phase: Phase, prev: Phase | None):
+    """The method's hard prune at ``phase.ratio``: ``(params, masks)``."""
+    config, keep_ratio = r.config, 1.0 - phase.ratio
+    if prev is not None and prev.kind == "admm":
+        support = ap.find_state(r.opt_state).support
+        return ap.hard_prune(r.params, r.specs, keep_ratio, support=support, round_to=config.prune.round_to)
+    params = r.params
+    if r.gates is not None:  # fold the trained gates into the weights first
+        params = gates.fold(params, methods.gate_values(config, r.gates), r.specs)
+    grads = _taylor_grads(r, params) if config.prune.criterion == "taylor" and config.prune.method == "magnitude" else None
+    scores = methods.channel_scores(config, params, r.specs, r.gates, grads=grads)
+    alive = None
+    if prev is not None and prev.kind == "finetune":  # removed channels stay removed
+        alive = collapse_lib.alive_channels(r.specs, ap.find_state(r.opt_state, ap.MaskedState).masks)
+    scores = methods.without(scores, alive)
+    if config.prune.method == "relaxation":
+        values = methods.gate_values(config, r.gates)
+        keep = {k: np.asarray(v) >= config.relaxation.threshold for k, v in values.items()}
+        removable = collapse_lib.removable_groups(r.model, r.specs, r.params)
+        masks = gates.keep_masks(params, r.specs, methods.keep_at_least_one(keep, scores, removable))
+    else:
+        try:
+            masks = criteria.select(scores, r.specs, params, keep_ratio, scope=config.prune.scope,
+                                    round_to=config.prune.round_to)
+        except ValueError as e:
+            raise UserError(f"{config.prune.method} cannot prune {config.model.name}: {e}") from None
+    return ap.apply_masks(params, masks), masks
+
+
+def _taylor_grads(r: _Run, params, batches: int = 4):
+    """Loss gradients of a few training batches, for the Taylor criterion."""
+    graphdef, rest = r.graphdef, r.rest
+
+    @jax.jit
+    def grad(params, batch):
+        def loss(p):
+            logits = nnx.merge(graphdef, p, rest, copy=True)(batch["image"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+        return jax.grad(loss)(params)
+
+    it = iter(r.loader(-1, 1))
+    return [grad(params, next(it)) for _ in range(batches)]
 
 
 def _finish_phase(r: _Run, phase: Phase, report: dict[str, Any], t: float) -> None:
@@ -615,6 +731,29 @@ def _finish_phase(r: _Run, phase: Phase, report: dict[str, Any], t: float) -> No
         })
         r.log(f"admm {phase.ratio:<4g} {phase.epochs} epochs  accuracy {100 * acc:.2f}% pruned "
               f"({100 * admm_acc:.2f}% before)  primal residual {res['primal_residual']:.4f}  rho {max(rho):.3g}  [{t:.0f}s]")
+    elif phase.kind == "sparsify":
+        acc = r.evaluate(r.effective_params())
+        pruned, masks = _prune(r, phase, phase)
+        pruned_acc = r.evaluate(pruned)
+        entry = {"epochs": phase.epochs, "accuracy": acc, "pruned_accuracy": pruned_acc, "seconds": t}
+        if r.gates is not None:
+            values = np.concatenate([np.asarray(v) for v in methods.gate_values(r.config, r.gates).values()])
+            if r.config.prune.method == "relaxation":
+                entry["gates_open"] = float(np.mean(values >= r.config.relaxation.threshold))
+                macs_model, target = r._budget
+                entry["gated_macs_over_target"] = float(
+                    macs_model(methods.gate_values(r.config, r.gates)) / target)
+            else:
+                entry["gates_below_delta"] = float(np.mean(np.abs(values) < r.config.l1_mask.delta))
+        report["sparsify"] = entry
+        widths = graph.group_widths(r.params, r.specs, masks)
+        kept = sum(k for k, _ in widths.values()) / sum(t for _, t in widths.values())
+        r.log(f"sparsify  {phase.epochs} epochs  accuracy {100 * acc:.2f}% ({100 * pruned_acc:.2f}% pruned, "
+              f"{100 * kept:.1f}% of channels kept)  [{t:.0f}s]")
+    elif phase.kind == "finetune":
+        acc = r.evaluate()
+        report["stages"].append({"ratio": phase.ratio, "accuracy": acc, "seconds": t})
+        r.log(f"finetune {phase.ratio:<4g} {phase.epochs} epochs  accuracy {100 * acc:.2f}%  [{t:.0f}s]")
     else:
         acc = r.evaluate()
         report["retrain"] = {"epochs": phase.epochs, "accuracy": acc, "seconds": t}
@@ -625,7 +764,8 @@ def _train_phase(r: _Run, i, phase: Phase, tx, steps, start_step, data_state, gl
     config = r.config
     if steps == 0:
         return global_step
-    step_fn = _make_train_step(r.graphdef, tx, admm_metrics=phase.kind == "admm")
+    step_fn = _make_train_step(r.graphdef, tx, admm_metrics=phase.kind == "admm",
+                               gated=r.gate_fns() if r.gates is not None else None)
     it = iter(r.loader(i, phase.epochs))
     if start_step and data_state is not None:
         it.set_state(data_state)
@@ -650,7 +790,10 @@ def _train_phase(r: _Run, i, phase: Phase, tx, steps, start_step, data_state, gl
 
     try:
         for batch in it:
-            r.params, r.rest, r.opt_state, m = step_fn(r.params, r.rest, r.opt_state, batch)
+            if r.gates is None:
+                r.params, r.rest, r.opt_state, m = step_fn(r.params, r.rest, r.opt_state, batch)
+            else:
+                (r.params, r.gates), r.rest, r.opt_state, m = step_fn((r.params, r.gates), r.rest, r.opt_state, batch)
             phase_step += 1
             global_step += 1
             pending.append((global_step, m))

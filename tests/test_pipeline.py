@@ -2,34 +2,15 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+from _cli import SMOKE, cli, kill_after_checkpoint, strip_timing
 
 import admmprune
 from admmprune import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = os.path.join(ROOT, "configs", "smoke.py")
-TIMING_KEYS = {"seconds", "date", "machine", "latency_ms", "speedup"}
-
-
-def cli(*args, data_dir, timeout=300):
-    cmd = [sys.executable, "-m", "admmprune.train", "--config", SMOKE, f"--config.data.data_dir={data_dir}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
-
-
-def strip_timing(obj):
-    if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [strip_timing(v) for v in obj]
-    return obj
 
 
 def snapshot(directory):
@@ -119,24 +100,9 @@ def test_rerun_of_a_finished_run_changes_nothing(smoke_run, data_dir):
 
 def test_kill_and_resume_gives_the_same_report(smoke_run, tmp_path, data_dir):
     workdir = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "admmprune.train", "--config", SMOKE, f"--config.data.data_dir={data_dir}",
-           "--workdir", workdir]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Wait for a checkpoint saved inside an ADMM stage, then kill -9.
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    deadline = time.time() + 240
-    killed_at = None
-    while time.time() < deadline and proc.poll() is None:
-        steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
-        if steps and steps[-1] > 40:  # dense is 32 steps; the first stage ends at 48
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_at = steps[-1]
-            break
-        time.sleep(0.05)
-    proc.wait()
+    # Kill -9 once a checkpoint inside an ADMM stage exists (dense is 32 steps; the first stage ends at 48).
+    killed_at = kill_after_checkpoint(workdir, data_dir=data_dir, after_step=40)
     assert killed_at is not None, "the run ended before it could be killed"
-    assert not os.path.exists(os.path.join(workdir, "report.json"))
-
     result = cli("--workdir", workdir, data_dir=data_dir)
     assert result.returncode == 0, result.stderr
     assert "resuming from checkpoint" in result.stdout

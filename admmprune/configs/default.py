@@ -48,9 +48,21 @@ def get_config() -> ConfigDict:
     c.dense.schedule = "cosine"
 
     c.prune = ConfigDict()
-    # "admm", or "magnitude" (one-shot L2 filter pruning of the dense model,
-    # then fine-tuning for as many epochs as ADMM's stages and retraining take).
+    # "admm", or a method it is compared with, each pruning the same channel
+    # groups after the same dense phase, for the same epochs (admmprune/methods.py):
+    # "magnitude" (filter pruning by prune.criterion, one-shot or iterative),
+    # "l1_mask" (learned L1-regularized channel masks), "slimming" (L1 on
+    # BatchNorm scales), "relaxation" (sigmoid channel gates with a FLOPs
+    # target) or "group_lasso" (group-sparsity regularized training).
     c.prune.method = "admm"
+    # The criterion of "magnitude": l1, l2, fpgm, bn_scale, taylor, lamp or random
+    # (admmprune/criteria.py); l2 is the Euclidean projection ADMM uses.
+    c.prune.criterion = "l2"
+    # Rank channels within each layer ("layer": every layer loses `ratio` of its
+    # channels) or across all layers ("global": the network loses `ratio` of
+    # all channels; each layer keeps at least one). For magnitude, l1_mask,
+    # slimming and group_lasso; ADMM and the relaxation are layer-wise and global.
+    c.prune.scope = "layer"
     # Fraction of channels (conv filters, dense neurons) removed in every
     # prunable layer; the output layer is never pruned. --ratio sets it.
     c.prune.ratio = 0.9
@@ -79,6 +91,40 @@ def get_config() -> ConfigDict:
     # Measured on LeNet-5 at ratio 0.9 (README): 100 -> 98.46%, 20 -> 98.56%,
     # 10 -> lower, 5 -> diverged.
     c.admm.interval = 20
+
+    # The other methods. Their regularized training ("sparsify") phase lasts as
+    # long as ADMM's stages (admm.epochs_per_stage per stage) and uses
+    # admm.learning_rate and admm.schedule, so that budgets are equal.
+    c.magnitude = ConfigDict()
+    # Prune at every ratio of prune.stages with admm.epochs_per_stage epochs of
+    # fine-tuning in between (else one-shot at the final ratio).
+    c.magnitude.iterative = False
+    c.l1_mask = ConfigDict()
+    # lambda of loss + lambda * sum |m| over all channel masks m (initialised to 1).
+    c.l1_mask.strength = 1e-3
+    # Masks below delta count as removed in the report (the removal itself
+    # keeps 1 - ratio of the channels, by |m|).
+    c.l1_mask.delta = 1e-2
+    c.slimming = ConfigDict()
+    # lambda of the L1 term on BatchNorm scales (on gates for models without BN).
+    c.slimming.strength = 1e-3
+    c.group_lasso = ConfigDict()
+    # lambda of lambda * sum_g sqrt(|g|) ||W_g||, applied as a proximal step.
+    c.group_lasso.strength = 1e-3
+    c.relaxation = ConfigDict()
+    # Gates sigmoid(s / temperature), logits s initialised to init_logit.
+    c.relaxation.temperature = 1.0
+    c.relaxation.init_logit = 3.0
+    # The logits train with Adam at this learning rate (the weights with SGD):
+    # the budget term's gradient differs by orders of magnitude between layers.
+    c.relaxation.gate_learning_rate = 0.01
+    # Weight of relu(log(gated MACs / target))^2; the target is the MACs of the
+    # model that keeps 1 - ratio of every layer's channels.
+    c.relaxation.flops_weight = 1.0
+    # Weight of the mean of g (1 - g), which pushes gates to 0 or 1.
+    c.relaxation.polarization_weight = 0.1
+    # Channels whose gate ends below it are removed.
+    c.relaxation.threshold = 0.5
 
     # Phase 3: hard prune, then retrain with the masks fixed.
     c.retrain = ConfigDict()
