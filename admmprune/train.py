@@ -19,8 +19,9 @@ from admmprune._errors import UserError
 _CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 DESCRIPTION = """\
-Prune a network with progressive ADMM to structured (filter/neuron) sparsity,
-retrain with the masks fixed, evaluate and write WORKDIR/report.json.
+Prune a network with progressive ADMM (or another --method) to structured
+(filter/neuron) sparsity, retrain with the masks fixed, collapse it into a
+smaller model, evaluate and write WORKDIR/report.json.
 With no arguments: LeNet-5 on MNIST (prepared offline on first use), ratio 0.9.
 
 --ratio R is the fraction of channels removed in every prunable layer (conv
@@ -96,7 +97,13 @@ def parse_args(argv: list[str]) -> tuple[ConfigDict, str]:
     parser.add_argument("--config", default="default", help="config file (configs/X.py) or shipped name (default, smoke)")
     parser.add_argument("--ratio", help="fraction of channels removed per prunable layer, in (0, 1); default 0.9")
     parser.add_argument("--stages", help="comma-separated stage ratios ending at the ratio, e.g. 0.5,0.75,0.9")
-    parser.add_argument("--method", help="admm (default) or magnitude (one-shot filter pruning + fine-tuning)")
+    parser.add_argument(
+        "--method",
+        help="admm (default), or a method to compare it with on equal epochs: magnitude (filter pruning by "
+        "prune.criterion, one-shot or iterative), l1_mask (learned L1-regularized channel masks), slimming "
+        "(L1 on BatchNorm scales), relaxation (sigmoid channel gates with a FLOPs target), group_lasso; "
+        "see admmprune/methods.py",
+    )
     parser.add_argument("--workdir", help="the run's directory (default: runs/MODEL-DATASET-METHOD-RATIO)")
     args, rest = parser.parse_known_args(argv)
 
