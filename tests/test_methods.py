@@ -37,14 +37,29 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("method,args,layers", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_method_runs_end_to_end_and_collapses(method, args, layers, tmp_path, data_dir):
-    workdir = str(tmp_path / "run")
-    result = cli("--workdir", workdir, "--method", method, *args, data_dir=data_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    with open(os.path.join(workdir, "report.json")) as f:
-        report = json.load(f)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data_dir):
+    """Runs a case once per module: ``finished(index) -> (workdir, report)``."""
+    done = {}
+
+    def get(index):
+        if index not in done:
+            method, args, _ = CASES[index]
+            workdir = str(tmp_path_factory.mktemp(method) / "run")
+            result = cli("--workdir", workdir, "--method", method, *args, data_dir=data_dir)
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert "Traceback" not in result.stderr
+            with open(os.path.join(workdir, "report.json")) as f:
+                done[index] = workdir, json.load(f)
+        return done[index]
+
+    return get
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_method_runs_end_to_end_and_collapses(index, finished):
+    method, args, layers = CASES[index]
+    workdir, report = finished(index)
     assert report["method"] == method and report["ratio"] == 0.9
     assert report["dense"]["params"] == 431_080
     if layers is not None:
@@ -67,19 +82,19 @@ def test_method_runs_end_to_end_and_collapses(method, args, layers, tmp_path, da
         assert [s["ratio"] for s in report["stages"]] == [0.5, 0.75, 0.9]
 
 
-def test_a_gated_method_resumes_after_kill(tmp_path, data_dir):
+def test_a_gated_method_resumes_after_kill(tmp_path, data_dir, finished):
     """The gates and their optimizer state are checkpointed: a kill -9 mid-sparsify resumes exactly."""
-    args = ["--method", "relaxation", "--config.relaxation.gate_learning_rate=0.1"]
-    reference = str(tmp_path / "reference")
-    assert cli("--workdir", reference, *args, data_dir=data_dir).returncode == 0
+    index = next(i for i, c in enumerate(CASES) if c[0] == "relaxation")
+    args = ["--method", "relaxation", *CASES[index][1]]
+    _, reference = finished(index)
     workdir = str(tmp_path / "run")
     killed_at = kill_after_checkpoint(workdir, *args, data_dir=data_dir, after_step=40)  # dense: 32 steps
     assert killed_at is not None and killed_at < 80, "the run ended before it could be killed mid-sparsify"
     result = cli("--workdir", workdir, *args, data_dir=data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from checkpoint" in result.stdout
-    with open(os.path.join(workdir, "report.json")) as f, open(os.path.join(reference, "report.json")) as g:
-        assert strip_timing(json.load(f)) == strip_timing(json.load(g))
+    with open(os.path.join(workdir, "report.json")) as f:
+        assert strip_timing(json.load(f)) == strip_timing(reference)
 
 
 @pytest.mark.parametrize(
