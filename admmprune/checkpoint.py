@@ -27,6 +27,8 @@ from __future__ import annotations
 import os
 from typing import Any, NamedTuple, Self
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from admmprune._errors import UserError
@@ -70,6 +72,7 @@ class Checkpointer:
         *,
         max_to_keep: int | None = 2,
         async_save: bool = False,
+        this_process_only: bool = False,
     ):
         """Opens (creating if needed) a checkpoint directory.
 
@@ -79,6 +82,9 @@ class Checkpointer:
             async_save: Whether :meth:`save` returns while the arrays are still
                 being written (call :meth:`wait` or :meth:`close` before relying
                 on them). Synchronous by default.
+            this_process_only: Whether this process alone uses the directory
+                (in a multi-process run, the others make no matching calls): it
+                must then save host arrays (numpy), not global ``jax.Array`` s.
 
         Raises:
             UserError: ``max_to_keep`` is not a positive integer or None.
@@ -86,12 +92,20 @@ class Checkpointer:
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep <= 0):
             raise UserError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
         self._directory = os.path.abspath(os.fspath(directory))
+        multiprocessing = {}
+        if this_process_only and jax.process_count() > 1:
+            me = jax.process_index()
+            multiprocessing["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}
+            )
+            os.makedirs(self._directory, exist_ok=True)  # orbax cannot create it for a subset of processes
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            create=True,
+            create=not multiprocessing,
             # Removes what a process killed mid-save left behind.
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
+            **multiprocessing,
         )
         self._manager = ocp.CheckpointManager(
             self._directory, options=options, item_names=(_STATE, _DATA, _META)
@@ -241,6 +255,7 @@ def save_model(directory: str | os.PathLike, model: Any) -> None:
     The arrays (parameters and other state, e.g. BatchNorm statistics) go to an
     orbax checkpoint; the registry name and constructor arguments (the slim
     widths of a collapsed model included) go to its JSON metadata. No pickle.
+    In a multi-process run, the calling process saves it alone.
 
     Args:
         directory: A new or empty directory.
@@ -259,7 +274,9 @@ def save_model(directory: str | os.PathLike, model: Any) -> None:
         raise UserError(f"{directory} is not empty; save the model to a new directory")
     meta = {"format": "admmprune.model/1", "model": models.name_of(model), "config": model.config}
     state = nnx.to_pure_dict(nnx.state(model))
-    with Checkpointer(directory, max_to_keep=1) as ckpt:
+    if jax.process_count() > 1:  # only host arrays can be saved by one process of several
+        state = jax.tree.map(np.asarray, state)
+    with Checkpointer(directory, max_to_keep=1, this_process_only=True) as ckpt:
         ckpt.save(0, state, metadata=meta)
 
 

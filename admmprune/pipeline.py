@@ -13,6 +13,11 @@ notebook calls. It is the only reader of the config. It writes to ``workdir``:
 A rerun of the same command resumes from the latest checkpoint (after a crash
 or ``kill -9``) and ends with the same report as an uninterrupted run; a rerun
 of a finished run says so and changes nothing.
+
+Training steps run data-parallel over every device of every process
+(:mod:`admmprune.distributed`); the work between them (evaluation, pruning,
+collapse, measurements) runs on whole arrays that every process holds, and only
+process 0 writes files other than checkpoints.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from tqdm import tqdm
 import admmprune as ap
 from admmprune import checkpoint as checkpoint_lib
 from admmprune import collapse as collapse_lib
-from admmprune import costs, criteria, discovery, gates, graph, measure, methods, models
+from admmprune import costs, criteria, discovery, distributed, gates, graph, measure, methods, models
 from admmprune import data as data_lib
 from admmprune._errors import UserError
 from admmprune.checkpoint import Checkpointer
@@ -50,8 +55,9 @@ from admmprune.checkpoint import Checkpointer
 METHODS = methods.METHODS
 SCHEDULES = ("constant", "cosine")
 RHO_SCHEDULES = ("constant", "geometric", "balancing")
-# Config fields that do not change results: a rerun may differ in them.
-_RUNTIME_KEYS = ("progress",)
+# Config fields that do not change results: a rerun may differ in them (a run
+# may resume on another number of devices, or with another sharding).
+_RUNTIME_KEYS = ("progress", "distributed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,8 +205,10 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 class _MetricsLog:
     """Appends JSON lines; on resume, drops lines after the restored step."""
 
-    def __init__(self, path: str, resume_step: int | None):
-        self.path = path
+    def __init__(self, path: str, resume_step: int | None, *, enabled: bool = True):
+        self.path, self._file = path, None
+        if not enabled:  # another process than 0: it writes no files
+            return
         if os.path.exists(path):
             keep = []
             with open(path) as f:
@@ -217,11 +225,13 @@ class _MetricsLog:
         self._file = open(path, "a")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 # --- model and optimizers -------------------------------------------------------
@@ -285,9 +295,11 @@ def _admm_metrics(opt_state) -> dict[str, jax.Array]:
     return {"primal_residual": sum(primal) / len(primal), "rho": jnp.max(jnp.stack(jax.tree.leaves(state.rho)))}
 
 
-def _make_train_step(graphdef, tx, *, admm_metrics: bool = False, gated=None):
+def _make_train_step(graphdef, tx, *, admm_metrics: bool = False, gated=None, shardings=None):
     """The jitted step; ``gated=(effective, penalty)`` trains a ``(params, gates)`` pair:
-    the model runs on ``effective(params, gates)`` and ``penalty(gates)`` joins the loss."""
+    the model runs on ``effective(params, gates)`` and ``penalty(gates)`` joins the loss.
+    ``shardings=(state, batch, replicated)``: the shardings of ``(trainable, rest,
+    opt_state)``, of the batch, and of the metrics."""
 
     def loss_fn(trainable, rest, batch):
         params, extra = trainable, jnp.zeros((), jnp.float32)
@@ -302,7 +314,12 @@ def _make_train_step(graphdef, tx, *, admm_metrics: bool = False, gated=None):
         _, _, rest = nnx.split(model, nnx.Param, ...)
         return loss + extra, (rest, logits, loss, extra)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    sharded = {}
+    if shardings is not None:
+        state, batch_sharding, replicated = shardings
+        sharded = {"in_shardings": (*state, batch_sharding), "out_shardings": (*state, replicated)}
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2), **sharded)
     def step(trainable, rest, opt_state, batch):
         (_, (rest, logits, loss, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, rest, batch)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -358,8 +375,11 @@ class _Run:
                 log(f"not pruned: {name} ({'; '.join(reasons)})")
         if c.prune.method == "magnitude" and c.prune.criterion == "bn_scale" and not gates.norm_scales(self.specs):
             raise UserError(f"prune.criterion bn_scale needs normalization layers, and {c.model.name} has none")
+        self.dist = distributed.DataParallel(param_sharding=c.distributed.param_sharding)
+        # data.batch_size is the global batch; this process reads its share of it.
+        self.local_batch_size = self.dist.local_batch_size(c.data.batch_size)
         n_train = len(self.train_source)
-        self.steps_per_epoch = n_train // jax.process_count() // c.data.batch_size
+        self.steps_per_epoch = n_train // jax.process_count() // self.local_batch_size
         if self.steps_per_epoch < 1:
             raise UserError(f"data.batch_size {c.data.batch_size} is larger than the {n_train} training examples")
         self.evaluate_fn = _make_eval(self.eval_graphdef)
@@ -394,12 +414,16 @@ class _Run:
         return gates.apply(self.params, methods.gate_values(self.config, self.gates), self.specs)
 
     # data
-    def loader(self, phase_index: int, epochs: int):
+    def loader(self, phase_index: int, epochs: int, *, whole: bool = False):
+        """Training batches: this process's share of each global batch, or
+        (``whole``, for host-side work that every process repeats) all of it."""
         c = self.config
         augment = tuple(a for a in c.data.augment.split(",") if a)
+        shard = {"shard_index": 0, "shard_count": 1} if whole else {}
         return data_lib.make_loader(
-            self.train_source, batch_size=c.data.batch_size, seed=c.seed * 1000 + phase_index + 1,
-            num_epochs=epochs, normalize=self.normalize, augment=augment,
+            self.train_source, batch_size=c.data.batch_size if whole else self.local_batch_size,
+            seed=c.seed * 1000 + phase_index + 1, num_epochs=epochs, normalize=self.normalize, augment=augment,
+            **shard,
         )
 
     def evaluate(self, params=None, *, model=None) -> float:
@@ -487,7 +511,8 @@ def run(
       UserError: for a bad config, a workdir that holds another run, data
         that cannot be had, or a loss that became NaN or infinite.
     """
-    log = log or (lambda line: print(line, flush=True))
+    # Only process 0 of a multi-process run prints and writes files.
+    log = log or (lambda line: print(line, flush=True) if distributed.is_primary() else None)
     if stop_after not in STOP_AFTER:
         raise ValueError(f"stop_after must be one of {STOP_AFTER}, got {stop_after!r}")
     stages = check_config(config)
@@ -495,7 +520,8 @@ def run(
     t_start = time.perf_counter()
     # Data and model first: a run that cannot start must not claim the workdir.
     r = _Run(config, workdir, log)
-    finished = _claim_workdir(config, workdir)
+    distributed.check_same(json.dumps(_comparable(config), sort_keys=True) + workdir, "configs or workdirs")
+    finished = distributed.primary_first(lambda: _claim_workdir(config, workdir))
     if finished is not None:
         log(f"run in {workdir} is complete: {os.path.join(workdir, 'report.json')}")
         return finished
@@ -531,7 +557,8 @@ def run(
         start_phase, start_step = meta["phase"], meta["phase_step"]
         report, elapsed_before = meta["report"], meta["elapsed"]
         log(f"resuming from checkpoint step {latest} ({phases[start_phase].name}, step {start_step})")
-    metrics = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), latest if latest is not None else 0)
+    metrics = _MetricsLog(os.path.join(workdir, "metrics.jsonl"), latest if latest is not None else 0,
+                          enabled=distributed.is_primary())
     global_step = latest or 0
 
     def elapsed() -> float:
@@ -548,6 +575,7 @@ def run(
         state = {"params": r.params, "rest": r.rest, "opt_state": r.opt_state}
         if r.gates is not None:
             state["gates"] = r.gates
+        state = r.dist.put(state)  # every process saves its shards
         meta = {"phase": phase_index, "phase_step": phase_step, "report": report, "elapsed": elapsed(),
                 "widths": list(r.model.widths)}
         ckpt.save(step, state, data_state=data_state, metadata=meta)
@@ -572,9 +600,10 @@ def run(
                 target = {"params": r.params, "rest": r.rest, "opt_state": jax.eval_shape(tx.init, trainable)}
                 if gated:
                     target["gates"] = r.gates
-                restored = ckpt.restore(_abstract_like(target))
-                r.params, r.rest, r.opt_state = (restored.state[k] for k in ("params", "rest", "opt_state"))
-                r.gates = restored.state.get("gates")
+                restored = ckpt.restore(r.dist.abstract(target))
+                state = r.dist.local(restored.state)
+                r.params, r.rest, r.opt_state = (state[k] for k in ("params", "rest", "opt_state"))
+                r.gates = state.get("gates")
                 data_state = restored.data_state
                 if start_step >= steps:  # the phase had ended: on to the next one
                     continue
@@ -637,10 +666,6 @@ def _save_model_once(directory: str, model: nnx.Module) -> None:
         shutil.rmtree(tmp)
     checkpoint_lib.save_model(tmp, model)
     os.replace(tmp, directory)
-
-
-def _abstract_like(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _begin_phase(r: _Run, phase: Phase, phases: list[Phase], i: int, config) -> None:
@@ -706,7 +731,7 @@ def _taylor_grads(r: _Run, params, batches: int = 4):
 
         return jax.grad(loss)(params)
 
-    it = iter(r.loader(-1, 1))
+    it = iter(r.loader(-1, 1, whole=True))
     return [grad(params, next(it)) for _ in range(batches)]
 
 
@@ -764,8 +789,18 @@ def _train_phase(r: _Run, i, phase: Phase, tx, steps, start_step, data_state, gl
     config = r.config
     if steps == 0:
         return global_step
-    step_fn = _make_train_step(r.graphdef, tx, admm_metrics=phase.kind == "admm",
-                               gated=r.gate_fns() if r.gates is not None else None)
+    gated = r.gate_fns() if r.gates is not None else None
+    # The state goes onto the mesh for the phase, and comes back whole for the
+    # host-side work that follows it.
+    trainable = r.dist.put((r.params, r.gates) if gated else r.params)
+    r.rest, r.opt_state = r.dist.put((r.rest, r.opt_state))
+    if gated:
+        r.params, r.gates = trainable
+    else:
+        r.params = trainable
+    state_shardings = r.dist.shardings((trainable, r.rest, r.opt_state))
+    step_fn = _make_train_step(r.graphdef, tx, admm_metrics=phase.kind == "admm", gated=gated,
+                               shardings=(state_shardings, r.dist.data, r.dist.replicated))
     it = iter(r.loader(i, phase.epochs))
     if start_step and data_state is not None:
         it.set_state(data_state)
@@ -790,6 +825,7 @@ def _train_phase(r: _Run, i, phase: Phase, tx, steps, start_step, data_state, gl
 
     try:
         for batch in it:
+            batch = r.dist.batch(batch)
             if r.gates is None:
                 r.params, r.rest, r.opt_state, m = step_fn(r.params, r.rest, r.opt_state, batch)
             else:
@@ -805,4 +841,5 @@ def _train_phase(r: _Run, i, phase: Phase, tx, steps, start_step, data_state, gl
                 save(i, phase_step, global_step, it.get_state())
     finally:
         bar.close()
+    r.params, r.rest, r.opt_state, r.gates = r.dist.local((r.params, r.rest, r.opt_state, r.gates))
     return global_step

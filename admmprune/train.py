@@ -36,7 +36,14 @@ and says so when the run is already complete."""
 EPILOG = """\
 config overrides: --config.FIELD=VALUE for any field of the config, e.g.
   --config.admm.rho=0.01 --config.data.name=fashion_mnist --config.model.name=mlp
-The fields are documented in admmprune/configs/default.py."""
+The fields are documented in admmprune/configs/default.py.
+
+Every training step runs data-parallel on all devices this process sees. Several
+processes (hosts) run one job when each is started with the same arguments plus
+--coordinator HOST:PORT --num-processes N --process-id I (or the environment
+variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or with
+--distributed where JAX finds them itself (Cloud TPU pod slices, SLURM, Open MPI).
+See docs/distributed.md."""
 
 
 def load_config(spec: str) -> ConfigDict:
@@ -105,7 +112,15 @@ def parse_args(argv: list[str]) -> tuple[ConfigDict, str]:
         "see admmprune/methods.py",
     )
     parser.add_argument("--workdir", help="the run's directory (default: runs/MODEL-DATASET-METHOD-RATIO)")
+    group = parser.add_argument_group("multi-process runs (docs/distributed.md)")
+    group.add_argument("--coordinator", help="HOST:PORT of process 0, the same for every process")
+    group.add_argument("--num-processes", help="how many processes run the job")
+    group.add_argument("--process-id", help="this process's index, 0 to N-1; 0 writes the report")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run that JAX detects (TPU pod slice, SLURM, Open MPI)")
+    group.add_argument("--init-timeout", default="300", help="seconds to wait for every process to join (300)")
     args, rest = parser.parse_known_args(argv)
+    join_run(args)
 
     config = load_config(args.config)
     overrides = []
@@ -141,6 +156,19 @@ def parse_args(argv: list[str]) -> tuple[ConfigDict, str]:
         "runs", f"{config.model.name}-{config.data.name}-{config.prune.method}-{config.prune.ratio:g}"
     )
     return config, workdir
+
+
+def join_run(args: argparse.Namespace) -> None:
+    """Calls ``jax.distributed.initialize`` if the flags (or environment) ask for
+    several processes; before anything else uses JAX's devices."""
+    try:
+        timeout = int(args.init_timeout)
+    except ValueError:
+        raise UserError(f"--init-timeout must be a number of seconds, got {args.init_timeout!r}") from None
+    from admmprune import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
+                           timeout=timeout, exit_on_timeout=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -138,6 +138,17 @@ def get_config() -> ConfigDict:
     c.measure.batch_size = 256
     c.measure.repeats = 20
 
+    # Data parallelism (docs/distributed.md): every training step runs on all
+    # devices of all processes, each batch split along the devices, so
+    # data.batch_size is the global batch and must divide by the device count.
+    # Results do not depend on the device count (up to float rounding), and a
+    # run may resume on another one.
+    c.distributed = ConfigDict()
+    # "replicated": every device holds all parameters, optimizer state and
+    # ADMM's Z and U; "fsdp": each of those arrays is split along its largest
+    # axis that the device count divides (less memory per device, more traffic).
+    c.distributed.param_sharding = "replicated"
+
     # Per-step training metrics (loss, accuracy, ADMM residual and rho) are
     # fetched from the device and appended to metrics.jsonl every N steps.
     c.log_every = 50
