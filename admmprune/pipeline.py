@@ -805,7 +805,8 @@ def _train_phase(r: _Run, i, phase: Phase, tx, steps, start_step, data_state, gl
     if start_step and data_state is not None:
         it.set_state(data_state)
     every = config.checkpoint_every or r.steps_per_epoch
-    bar = tqdm(total=steps, initial=start_step, desc=phase.name, disable=not config.progress or None,
+    quiet = not config.progress or not distributed.is_primary()
+    bar = tqdm(total=steps, initial=start_step, desc=phase.name, disable=quiet or None,
                leave=False, file=sys.stderr, dynamic_ncols=True)
     phase_step = start_step
     pending = []  # per-step metrics stay on the device until the next flush

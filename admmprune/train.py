@@ -97,6 +97,8 @@ def apply_override(config: ConfigDict, key: str, text: str) -> None:
 
 
 def parse_args(argv: list[str]) -> tuple[ConfigDict, str]:
+    """The config and workdir of a command line; joins a multi-process run first
+    if the flags (or the environment) ask for one, before JAX's devices are used."""
     parser = argparse.ArgumentParser(
         prog="python -m admmprune.train", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
