@@ -172,7 +172,7 @@ def _claim_workdir(config: ConfigDict, workdir: str) -> dict[str, Any] | None:
     config_path = os.path.join(workdir, "config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
-            saved = json.load(f)
+            saved = {k: v for k, v in json.load(f).items() if k not in _RUNTIME_KEYS}
         mine = _comparable(config)
         if saved != mine:
             diff = sorted(_diff_keys(saved, mine))
