@@ -45,7 +45,7 @@ from scipy import stats
 from tqdm import tqdm
 
 from admmprune import criteria as criteria_lib
-from admmprune._errors import UserError
+from admmprune._errors import UserError, run_cli
 from admmprune._types import Params, Specs, path_str
 from admmprune.projections import num_kept
 
@@ -770,20 +770,16 @@ def run(args: argparse.Namespace, overrides: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
+
+    def body():
         args, overrides = _parse(argv)
         from absl import logging as absl_logging
 
         absl_logging.set_verbosity(absl_logging.ERROR)  # tfds's absl warnings are not actionable here
         output = run(args, overrides)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written to the output directory", file=sys.stderr)
-        return 130
-    print(f"analysis in {output} (summary.md, analysis.json, *.csv{'' if args.no_figures else ', figures/'})")
-    return 0
+        print(f"analysis in {output} (summary.md, analysis.json, *.csv{'' if args.no_figures else ', figures/'})")
+
+    return run_cli(body, interrupted="interrupted; nothing was written to the output directory")
 
 
 if __name__ == "__main__":

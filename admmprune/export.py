@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from admmprune._errors import UserError
+from admmprune._errors import UserError, run_cli
 
 
 def input_shape(model: Any) -> tuple[int, ...]:
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="file to write (must not exist)")
     parser.add_argument("--input-shape", help="one example's shape, e.g. 28,28,1 (default: from the model)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body():
         if os.path.exists(args.output):
             raise UserError(f"{args.output} exists; choose a new --output")
         shape = None
@@ -81,11 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, args.output)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.output} ({len(data):,} bytes)")
-    return 0
+        print(f"wrote {args.output} ({len(data):,} bytes)")
+
+    return run_cli(body, interrupted="interrupted; nothing was written")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 
 from ml_collections import ConfigDict
 
-from admmprune._errors import UserError
+from admmprune._errors import UserError, run_cli
 
 _CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -175,7 +175,8 @@ def join_run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
+
+    def body():
         config, workdir = parse_args(argv)
         from absl import logging as absl_logging
 
@@ -185,13 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         from admmprune import pipeline  # heavy imports after argument errors
 
         pipeline.run(config, workdir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_cli(body, interrupted="interrupted; rerun the same command to resume from the last checkpoint")
 
 
 if __name__ == "__main__":
