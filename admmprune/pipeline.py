@@ -721,18 +721,10 @@ def _prune(r: _Run, phase: Phase, prev: Phase | None):
 
 def _taylor_grads(r: _Run, params, batches: int = 4):
     """Loss gradients of a few training batches, for the Taylor criterion."""
-    graphdef, rest = r.graphdef, r.rest
+    from admmprune.analyze import taylor_grads  # scipy and friends only when asked for
 
-    @jax.jit
-    def grad(params, batch):
-        def loss(p):
-            logits = nnx.merge(graphdef, p, rest, copy=True)(batch["image"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-
-        return jax.grad(loss)(params)
-
-    it = iter(r.loader(-1, 1, whole=True))
-    return [grad(params, next(it)) for _ in range(batches)]
+    it = iter(r.loader(-1, 1))
+    return taylor_grads(nnx.merge(r.graphdef, params, r.rest, copy=True), [next(it) for _ in range(batches)])
 
 
 def _finish_phase(r: _Run, phase: Phase, report: dict[str, Any], t: float) -> None:
