@@ -624,7 +624,6 @@ def run(
     r.masks = ap.find_state(r.opt_state, ap.MaskedState).masks
     trained = nnx.merge(r.graphdef, r.params, r.rest, copy=True)
     slim = collapse_lib.collapse(trained, r.masks, r.specs, state_specs=r.state_specs)
-    widths = graph.group_widths(r.params, r.specs, r.masks)
     dense_m = r.measure(trained)  # the dense architecture: latency and FLOPs depend on shapes only
     slim_m = r.measure(slim)
     batch = next(iter(data_lib.make_loader(
@@ -637,7 +636,7 @@ def run(
     report["collapsed"] = {"accuracy": r.evaluate(model=slim), **slim_m, "max_abs_diff": diff,
                            "latency_batch": config.measure.batch_size}
     report["dense"].update(dense_m)
-    report["layers"] = {g: {"kept": k, "total": t} for g, (k, t) in widths.items()}
+    report["layers"] = _kept(r, r.masks)
     report["params_removed"] = 1 - slim_m["params"] / dense_m["params"]
     report["flops_removed"] = 1 - slim_m["flops"] / dense_m["flops"]
     report["speedup"] = dense_m["latency_ms"] / slim_m["latency_ms"]
@@ -727,6 +726,11 @@ def _taylor_grads(r: _Run, params, batches: int = 4):
     return taylor_grads(nnx.merge(r.graphdef, params, r.rest, copy=True), [next(it) for _ in range(batches)])
 
 
+def _kept(r: _Run, masks) -> dict[str, dict[str, int]]:
+    """Channels kept and in total per group, as the report's ``layers``."""
+    return {g: {"kept": k, "total": t} for g, (k, t) in graph.group_widths(r.params, r.specs, masks).items()}
+
+
 def _finish_phase(r: _Run, phase: Phase, report: dict[str, Any], t: float) -> None:
     """Evaluates the phase's result, adds it to the report and logs one line."""
     if phase.kind == "dense":
@@ -735,7 +739,7 @@ def _finish_phase(r: _Run, phase: Phase, report: dict[str, Any], t: float) -> No
         r.log(f"dense     {phase.epochs} epochs  accuracy {100 * acc:.2f}%  [{t:.0f}s]")
     elif phase.kind == "admm":
         state = ap.find_state(r.opt_state)
-        pruned, _ = ap.hard_prune(
+        pruned, masks = ap.hard_prune(
             r.params, r.specs, 1.0 - phase.ratio, support=state.support, round_to=r.config.prune.round_to
         )
         acc, admm_acc = r.evaluate(pruned), r.evaluate()
@@ -744,7 +748,7 @@ def _finish_phase(r: _Run, phase: Phase, report: dict[str, Any], t: float) -> No
         report["stages"].append({
             "ratio": phase.ratio, "accuracy": acc, "admm_accuracy": admm_acc,
             "primal_residual": res["primal_residual"], "dual_residual": res["dual_residual"],
-            "rho": max(rho), "seconds": t,
+            "rho": max(rho), "seconds": t, "layers": _kept(r, masks),
         })
         r.log(f"admm {phase.ratio:<4g} {phase.epochs} epochs  accuracy {100 * acc:.2f}% pruned "
               f"({100 * admm_acc:.2f}% before)  primal residual {res['primal_residual']:.4f}  rho {max(rho):.3g}  [{t:.0f}s]")
@@ -769,7 +773,8 @@ def _finish_phase(r: _Run, phase: Phase, report: dict[str, Any], t: float) -> No
               f"{100 * kept:.1f}% of channels kept)  [{t:.0f}s]")
     elif phase.kind == "finetune":
         acc = r.evaluate()
-        report["stages"].append({"ratio": phase.ratio, "accuracy": acc, "seconds": t})
+        masks = ap.find_state(r.opt_state, ap.MaskedState).masks
+        report["stages"].append({"ratio": phase.ratio, "accuracy": acc, "seconds": t, "layers": _kept(r, masks)})
         r.log(f"finetune {phase.ratio:<4g} {phase.epochs} epochs  accuracy {100 * acc:.2f}%  [{t:.0f}s]")
     else:
         acc = r.evaluate()
