@@ -634,7 +634,9 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message}; see --help")
 
 
-def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (``--config.FIELD=VALUE`` overrides are set
+    aside for the train CLI's parser by ``_parse``)."""
     parser = _Parser(
         prog="python -m admmprune.analyze",
         description=__doc__,
@@ -660,6 +662,11 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seed", default="0", help="seed of the random criterion, the batches and subsamples")
     parser.add_argument("--no-figures", action="store_true", help="write no PNG figures")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    return parser
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = build_parser()
     own, overrides = [], []
     items = iter(argv)
     for item in items:  # --config.FIELD=VALUE or --config.FIELD VALUE: for the train CLI's parser

@@ -215,7 +215,8 @@ class DataParallel:
         param_sharding: ``"replicated"`` (every device holds every parameter,
             optimizer and ADMM array) or ``"fsdp"`` (each array split along its
             largest axis that the device count divides; the others replicated).
-        devices: The mesh's devices; None means all of them, of all processes.
+        devices (Sequence[jax.Device] | None): The mesh's devices; None means all
+            of them, of all processes.
 
     Raises:
         UserError: an unknown ``param_sharding``.

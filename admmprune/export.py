@@ -59,12 +59,17 @@ def export_forward(model: Any, shape: Sequence[int] | None = None) -> bytes:
     return bytes(jax.export.export(jax.jit(forward))(spec).serialize())
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags."""
     parser = argparse.ArgumentParser(prog="python -m admmprune.export", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="a model saved by admmprune (e.g. WORKDIR/model)")
     parser.add_argument("--output", required=True, help="file to write (must not exist)")
     parser.add_argument("--input-shape", help="one example's shape, e.g. 28,28,1 (default: from the model)")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
 
     def body():
         if os.path.exists(args.output):

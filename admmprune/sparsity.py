@@ -54,12 +54,13 @@ class Filter:
         entries ``c, c + C, c + 2C, ...`` (``axis`` viewed as ``(repeat, C)``).
         A dense layer fed by a flattened ``(H, W, C)`` feature map has
         ``repeat = H * W`` on its input axis.
-      offset, size: the spec covers only channels ``offset .. offset + size - 1``
-        of the ``C`` channels (after the ``repeat`` view; ``size=None``: up to
-        the end). A layer that reads the concatenation of two branches has one
-        such slice per branch, each in its branch's group. Entries outside the
-        slice are not constrained: its masks are ``True`` there, so that the
-        slices of a :class:`Coupled` spec combine by ``&``.
+      offset: the spec covers only channels ``offset .. offset + size - 1``
+        of the ``C`` channels (after the ``repeat`` view). A layer that reads
+        the concatenation of two branches has one such slice per branch, each
+        in its branch's group. Entries outside the slice are not constrained:
+        its masks are ``True`` there, so that the slices of a :class:`Coupled`
+        spec combine by ``&``.
+      size: the number of channels of that slice; ``None``: up to the end.
     """
 
     axis: int = -1

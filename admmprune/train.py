@@ -96,9 +96,9 @@ def apply_override(config: ConfigDict, key: str, text: str) -> None:
         raise UserError(f"bad value {text!r} for config key {key!r}: {e}") from None
 
 
-def parse_args(argv: list[str]) -> tuple[ConfigDict, str]:
-    """The config and workdir of a command line; joins a multi-process run first
-    if the flags (or the environment) ask for one, before JAX's devices are used."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's flags (``--config.FIELD=VALUE`` overrides are parsed
+    separately, by :func:`parse_args`)."""
     parser = argparse.ArgumentParser(
         prog="python -m admmprune.train", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -121,7 +121,13 @@ def parse_args(argv: list[str]) -> tuple[ConfigDict, str]:
     group.add_argument("--distributed", action="store_true",
                        help="join a multi-process run that JAX detects (TPU pod slice, SLURM, Open MPI)")
     group.add_argument("--init-timeout", default="300", help="seconds to wait for every process to join (300)")
-    args, rest = parser.parse_known_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str]) -> tuple[ConfigDict, str]:
+    """The config and workdir of a command line; joins a multi-process run first
+    if the flags (or the environment) ask for one, before JAX's devices are used."""
+    args, rest = build_parser().parse_known_args(argv)
     join_run(args)
 
     config = load_config(args.config)

@@ -23,12 +23,18 @@ def get_config() -> ConfigDict:
     c.data.name = "mnist"
     # The tfds data directory; None means $TFDS_DATA_DIR or ~/tensorflow_datasets.
     c.data.data_dir = config_dict.placeholder(str)
+    # The tfds split to train on.
     c.data.train_split = "train"
+    # The tfds split that accuracies are measured on.
     c.data.eval_split = "test"
+    # Global training batch: split across all devices, so it must divide by
+    # their number (docs/distributed.md).
     c.data.batch_size = 128
+    # Batch size of evaluation.
     c.data.eval_batch_size = 1000
-    # Use only the first N training / evaluation examples (None: all of them).
+    # Use only the first N training examples (None: all of them).
     c.data.limit = config_dict.placeholder(int)
+    # Use only the first N evaluation examples (None: all of them).
     c.data.eval_limit = config_dict.placeholder(int)
     # Comma-separated augmentations: "", "random_crop_pad", "flip".
     c.data.augment = ""
@@ -37,12 +43,16 @@ def get_config() -> ConfigDict:
 
     # Shared by every training phase: SGD with Nesterov-free momentum.
     c.optimizer = ConfigDict()
+    # Momentum of SGD (0: plain SGD).
     c.optimizer.momentum = 0.9
+    # Weight decay: weight_decay * W is added to the gradient before SGD.
     c.optimizer.weight_decay = 5e-4
 
     # Phase 1: train the dense model.
     c.dense = ConfigDict()
+    # Epochs of dense training.
     c.dense.epochs = 4
+    # Learning rate of SGD in this phase (where a cosine schedule starts).
     c.dense.learning_rate = 0.01
     # "cosine" (decay to 0 over the phase) or "constant".
     c.dense.schedule = "cosine"
@@ -75,15 +85,20 @@ def get_config() -> ConfigDict:
 
     # Phase 2 (method "admm"): one ADMM stage per ratio of prune.stages.
     c.admm = ConfigDict()
+    # Epochs of every ADMM stage (and of every other method's stage).
     c.admm.epochs_per_stage = 2
+    # Learning rate of SGD in the stages (where a cosine schedule starts).
     c.admm.learning_rate = 0.01
+    # Learning-rate schedule of every stage: "constant" or "cosine".
     c.admm.schedule = "constant"
     # Initial penalty rho; it carries over from stage to stage.
     c.admm.rho = 1e-3
     # "constant", "geometric" (x rho_factor per dual update, up to max_rho) or
     # "balancing" (residual balancing).
     c.admm.rho_schedule = "geometric"
+    # Factor of the "geometric" rho schedule, per dual update.
     c.admm.rho_factor = 1.3
+    # Upper bound of rho for "geometric" and "balancing".
     c.admm.max_rho = 1.0
     # Steps between the projections/dual updates. Short intervals matter: between
     # two updates the penalty anchors the kept weights to their last value
@@ -112,8 +127,9 @@ def get_config() -> ConfigDict:
     # lambda of lambda * sum_g sqrt(|g|) ||W_g||, applied as a proximal step.
     c.group_lasso.strength = 1e-3
     c.relaxation = ConfigDict()
-    # Gates sigmoid(s / temperature), logits s initialised to init_logit.
+    # Gates are sigmoid(s / temperature) of the logits s.
     c.relaxation.temperature = 1.0
+    # Initial value of every logit s (sigmoid(3) = 0.95: gates start open).
     c.relaxation.init_logit = 3.0
     # The logits train with Adam at this learning rate (the weights with SGD):
     # the budget term's gradient differs by orders of magnitude between layers.
@@ -128,14 +144,19 @@ def get_config() -> ConfigDict:
 
     # Phase 3: hard prune, then retrain with the masks fixed.
     c.retrain = ConfigDict()
+    # Epochs of retraining with the masks fixed.
     c.retrain.epochs = 8
+    # Learning rate of SGD in this phase (where a cosine schedule starts).
     c.retrain.learning_rate = 0.01
+    # "cosine" (decay to 0 over the phase) or "constant".
     c.retrain.schedule = "cosine"
 
     # Latency of the dense and collapsed models' jitted forward pass (eval
     # mode): median of `repeats` timed calls at this batch size, warm-up excluded.
     c.measure = ConfigDict()
+    # Batch size of the timed forward pass.
     c.measure.batch_size = 256
+    # Timed calls; the latency is their median.
     c.measure.repeats = 20
 
     # Data parallelism (docs/distributed.md): every training step runs on all
