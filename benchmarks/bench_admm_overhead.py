@@ -2,7 +2,7 @@
 
 Run by hand (never a timed test):
 
-    python benchmarks/bench_admm_overhead.py [--steps 200] [--rounds 7]
+    python benchmarks/bench_admm_overhead.py [--steps 200] [--rounds 7] [--intervals 100 20]
 
 Model: LeNet-5 (431,080 parameters), batch 128, cross-entropy, SGD with
 momentum 0.9; ADMM prunes every kernel's filters but the output layer's, with
@@ -13,13 +13,13 @@ the figure is the median of the per-round ratios ADMM / plain.
 """
 
 import argparse
-import datetime
-import platform
 import statistics
+import sys
 import time
 
 import jax
 import optax
+from _provenance import write_json
 from flax import nnx
 
 import admmprune as ap
@@ -56,8 +56,17 @@ def main():
     parser.add_argument("--steps", type=int, default=200, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--interval", type=int, default=100, help="ADMM dual-update interval")
+    parser.add_argument("--intervals", type=int, nargs="+", default=[100, 20],
+                        help="ADMM dual-update intervals (the library's default, the pipeline's default)")
+    parser.add_argument("--out", default="benchmarks/results/admm_overhead.json")
     args = parser.parse_args()
+    rows = [measure_interval(args, interval) for interval in args.intervals]
+    write_json(args.out, {"command": " ".join(["python", "benchmarks/bench_admm_overhead.py", *sys.argv[1:]]),
+                          "steps": args.steps, "rounds": args.rounds, "batch": args.batch, "rows": rows})
+
+
+def measure_interval(args, interval: int) -> dict:
+    """Times the plain and the ADMM step in alternating rounds; returns the medians and per-round ratios."""
 
     model = models.get("lenet5")
     graphdef, params = nnx.split(model, nnx.Param)
@@ -69,7 +78,7 @@ def main():
     }
     plain_tx = optax.sgd(0.01, momentum=0.9)
     admm_tx = optax.chain(
-        ap.admm(specs, rho=1e-3, interval=args.interval, rho_schedule=ap.geometric_rho(1.3, max_rho=1.0)),
+        ap.admm(specs, rho=1e-3, interval=interval, rho_schedule=ap.geometric_rho(1.3, max_rho=1.0)),
         optax.sgd(0.01, momentum=0.9),
     )
     runs = {}
@@ -86,13 +95,13 @@ def main():
             run[3].append(ms)
     plain, admm = runs["plain"][3], runs["admm"][3]
     ratios = [a / p for a, p in zip(admm, plain)]
-    print(f"date        {datetime.date.today()}")
-    print(f"machine     {platform.machine()} {platform.processor() or ''} jax {jax.__version__} "
-          f"{jax.devices()[0].platform} x{jax.device_count()}")
-    print(f"params      {sum(x.size for x in jax.tree.leaves(params)):,}")
+    print(f"interval    {interval}")
     print(f"plain step  median {statistics.median(plain):.2f} ms  {[round(x, 2) for x in plain]}")
     print(f"admm step   median {statistics.median(admm):.2f} ms  {[round(x, 2) for x in admm]}")
-    print(f"ratio       median {statistics.median(ratios):.3f}  {[round(x, 3) for x in ratios]}")
+    print(f"ratio       median {statistics.median(ratios):.3f}  {[round(x, 3) for x in ratios]}", flush=True)
+    return {"interval": interval, "params": sum(x.size for x in jax.tree.leaves(params)),
+            "plain_ms": statistics.median(plain), "admm_ms": statistics.median(admm),
+            "ratio": statistics.median(ratios), "round_ratios": ratios}
 
 
 if __name__ == "__main__":

@@ -13,13 +13,12 @@ medians). The aim: measured speedup >= 0.8 x the FLOPs ratio.
 """
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
+import sys
 
 import jax
 import jax.numpy as jnp
+from _provenance import write_json
 from flax import nnx
 
 import admmprune as ap
@@ -34,10 +33,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per round")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.9])
+    parser.add_argument("--out", default="benchmarks/results/collapse_latency.json")
     args = parser.parse_args()
 
-    print(f"date {datetime.date.today()}; {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} "
-          f"{jax.devices()[0].platform}; batch {args.batch}")
+    rows = []
     print("| model | ratio | FLOPs dense | FLOPs collapsed | FLOPs ratio | latency dense (ms) "
           "| latency collapsed (ms) | speedup | speedup / FLOPs ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -63,8 +62,14 @@ def main():
                 slim_ms.append(measure.latency_ms(slim, x, repeats=args.repeats)["median"])
             d, s = statistics.median(dense_ms), statistics.median(slim_ms)
             fr = f_dense / f_slim
+            rows.append({"model": name, "input": list(shape), "ratio": ratio, "flops_dense": f_dense,
+                         "flops_collapsed": f_slim, "latency_dense_ms": d, "latency_collapsed_ms": s,
+                         "flops_removed": 1 - f_slim / f_dense})
             print(f"| {name} | {ratio:g} | {f_dense / 1e6:.2f} M | {f_slim / 1e6:.3f} M | {fr:.1f}x | {d:.2f} | {s:.2f} "
                   f"| {d / s:.1f}x | {d / s / fr:.2f} |", flush=True)
+
+    write_json(args.out, {"command": " ".join(["python", "benchmarks/bench_collapse_latency.py", *sys.argv[1:]]),
+                          "batch": args.batch, "rounds": args.rounds, "repeats": args.repeats, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ state and Z, U replicated and with them FSDP-sharded. Each (N, sharding) is
 timed ``--rounds`` times, in rounds that alternate the order of N (the machine
 is shared and noisy); the figure is the median step time over rounds, and the
 throughput ratio is ``t(1 device) / t(N devices)`` at the same global batch.
-Writes ``benchmarks/results/data_parallel.md`` (with the machine and date) and
-prints it.
+Writes ``benchmarks/results/data_parallel.json`` (with the machine and date);
+``benchmarks/results.py`` renders its table.
 
 CPU "devices" made by the XLA flag share the machine's cores: on a machine with
 fewer cores than devices the ratio measures the partitioning overhead, not a
@@ -22,14 +22,14 @@ speedup. On GPUs and TPUs the same command measures real scaling.
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
+
+from _provenance import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARDINGS = ("replicated", "fsdp")
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "data_parallel.md"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "data_parallel.json"))
     parser.add_argument("--child", choices=SHARDINGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -120,40 +120,16 @@ def main() -> None:
                 print(f"round {r + 1}: {n} device(s), {sharding}: {info['ms']:.2f} ms", file=sys.stderr, flush=True)
     ms = {key: statistics.median(v) for key, v in runs.items()}
     spread = max((max(v) / min(v), key) for key, v in runs.items())
-    cores = os.cpu_count()
-    how = (
-        f"Measured {datetime.date.today().isoformat()} on {platform.machine()} with {cores} CPU cores "
-        f"({platform.platform()}), jax {info['jax']}, {info['platform']} devices made with "
-        "`--xla_force_host_platform_device_count`; `python benchmarks/bench_data_parallel.py "
-        f"--steps {args.steps} --rounds {args.rounds}`. Median step time over {args.rounds} rounds of "
-        f"{args.steps} steps each; throughput ratio = t(1 device) / t(N devices) at the same global batch. "
-        f"Load average at the end: {os.getloadavg()[0]:.1f}; the widest spread between rounds of one case: "
-        f"{spread[0]:.2f}x ({spread[1][0]} devices, {spread[1][1]})."
-    )
-    lines = [
-        "# Data-parallel step time of the smoke model (LeNet-5, global batch 64, ADMM step)",
-        "",
-        how,
-        "",
-        "| devices | replicated: ms/step | ratio vs 1 | fsdp: ms/step | ratio vs 1 |",
-        "|---|---|---|---|---|",
-    ]
-    for n in counts:
-        row = [str(n)]
-        for sharding in SHARDINGS:
-            row += [f"{ms[n, sharding]:.2f}", f"{ms[counts[0], sharding] / ms[n, sharding]:.2f}x"]
-        lines.append("| " + " | ".join(row) + " |")
-    caveat = (
-        f"These CPU devices share the machine's {cores} cores, so the table measures what partitioning the "
-        "step costs or saves here (per-device work against the all-reduce, and FSDP's extra all-gathers), "
-        "not the scaling of real accelerators. Run the same command on a multi-GPU host or a TPU VM for that."
-    )
-    lines += ["", caveat]
-    text = "\n".join(lines) + "\n"
-    with open(args.out, "w") as f:
-        f.write(text)
-    print(text)
-
+    rows = [{"devices": n, **{f"{sh}_ms": ms[n, sh] for sh in SHARDINGS},
+             **{f"{sh}_rounds_ms": runs[n, sh] for sh in SHARDINGS}} for n in counts]
+    write_json(args.out, {
+        "command": " ".join(["python", "benchmarks/bench_data_parallel.py", *sys.argv[1:]]),
+        "devices": f"{info['platform']} x{','.join(map(str, counts))} (--xla_force_host_platform_device_count)",
+        "steps": args.steps, "rounds": args.rounds, "rows": rows,
+        "widest_spread": {"ratio": spread[0], "devices": spread[1][0], "sharding": spread[1][1]},
+    })
+    for row in rows:
+        print(f"{row['devices']} device(s): " + ", ".join(f"{sh} {row[sh + '_ms']:.2f} ms" for sh in SHARDINGS))
 
 if __name__ == "__main__":
     main()

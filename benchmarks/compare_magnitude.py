@@ -15,11 +15,10 @@ machine and date, to --out.
 """
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import sys
+
+from _provenance import write_json
 
 from admmprune import pipeline
 from admmprune.train import apply_override, load_config
@@ -27,7 +26,7 @@ from admmprune.train import apply_override, load_config
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.7])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.7, 0.5])
     parser.add_argument("--config", default="default")
     parser.add_argument("--root", default="runs/compare")
     parser.add_argument("--out", default="benchmarks/results/compare_magnitude.json")
@@ -62,6 +61,10 @@ def main():
             "epochs_after_dense": epochs,
             "admm_seconds": a["seconds"],
             "magnitude_seconds": m["seconds"],
+            "stage_ratios": a["stage_ratios"],
+            "layers": {k: v["kept"] for k, v in a["layers"].items()},
+            "params_dense": a["dense"]["params"],
+            "params_pruned": a["collapsed"]["params"],
         })
 
     lines = [
@@ -76,14 +79,11 @@ def main():
         )
     table = "\n".join(lines)
     print(table)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({
-            "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-            "rows": rows,
-            "table": table,
-        }, f, indent=2)
+    write_json(args.out, {
+        "command": " ".join(["python", "benchmarks/compare_magnitude.py", *sys.argv[1:]]),
+        "rows": rows,
+        "table": table,
+    })
 
 
 if __name__ == "__main__":

@@ -21,15 +21,13 @@ CPU this was measured on.
 """
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 
 import jax.numpy as jnp
+from _provenance import write_json
 
 import admmprune
 from admmprune import measure, methods, pipeline
@@ -143,16 +141,19 @@ def main():
         with open(os.path.join(out_dir, "summary.md")) as f:
             analysis = f.read()
 
-    out = args.out or f"benchmarks/results/compare_{args.case}.json"
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({
-            "date": datetime.date.today().isoformat(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-            "rows": rows,
-            "table": table,
-            "criteria_analysis": analysis,
-        }, f, indent=2)
+    write_json(args.out or f"benchmarks/results/compare_{args.case}.json", {
+        "command": " ".join(["python", "benchmarks/compare_methods.py", *sys.argv[1:]]),
+        "case": args.case,
+        "model": first["model"],
+        "dataset": first["dataset"],
+        "ratio": case["ratio"],
+        "overrides": [*case["overrides"], *args.overrides],
+        "latency_batch": first["collapsed"]["latency_batch"],
+        "rows": rows,
+        "table": table,
+        "criteria_analysis": analysis,
+        "criteria_figures": None if args.no_analysis else os.path.join(out_dir, "figures"),
+    })
 
 
 if __name__ == "__main__":
