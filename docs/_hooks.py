@@ -172,7 +172,7 @@ def config_reference(default_source: str, default_config: Any, variants: dict[st
         value = values[entry.name]
         line = f"Default {_code(value)}"
         if value is None:
-            line += f" (a `{_field_type(default_config, entry.name)}` when set)"
+            line += f" (type `{_field_type(default_config, entry.name)}`)"
         changed = [f"`{name}`: {_code(o[entry.name])}" for name, o in overrides.items() if entry.name in o]
         if changed:
             line += "; " + ", ".join(changed)
@@ -239,7 +239,7 @@ def cli_reference(parsers: dict[str, Any]) -> str:
             out += ["| argument | default | what it is |", "|---|---|---|"]
             for action in options:
                 flags = ", ".join(f"`{s}`" for s in action.option_strings) or f"`{action.dest.upper()}`"
-                default = "" if action.default in (None, False) or action.required else _code(action.default)
+                default = "" if action.default in (None, False) or action.required else f"`{action.default}`"
                 out.append(f"| {flags} | {default} | {_text(action.help)} |")
             out.append("")
     return "\n".join(out)
@@ -303,8 +303,10 @@ def on_files(files, config):
 
 
 def on_page_markdown(markdown, page, config, files):
-    docs_dir = os.path.normpath(config["docs_dir"])
-    page_dir = os.path.dirname(os.path.join(docs_dir, page.file.src_uri))  # generated pages too
+    # Links resolve as from the repository's docs/ (where GitHub shows the
+    # pages), whatever docs_dir a test build uses; generated pages too.
+    docs_dir = os.path.join(ROOT, "docs")
+    page_dir = os.path.dirname(os.path.join(docs_dir, page.file.src_uri))
     markdown, missing = repository_links(markdown, page_dir, docs_dir, ROOT, config["repo_url"])
     for target in missing:
         log.warning("Doc file '%s' links to '%s', which is not in the repository.", page.file.src_uri, target)

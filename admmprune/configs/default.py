@@ -15,7 +15,8 @@ def get_config() -> ConfigDict:
     c.seed = 0
 
     c.model = ConfigDict()
-    # A name from admmprune.models.names(): "lenet5" or "mlp".
+    # A name from admmprune.models.names(): "lenet5", "mlp", or another
+    # classification model of the zoo ("vgg16", "resnet20", "mobilenetv2", ...).
     c.model.name = "lenet5"
 
     c.data = ConfigDict()
