@@ -6,6 +6,10 @@
   shipped configs override.
 - ``reference/cli.md`` is the ``--help`` of the three command-line parsers
   (``build_parser()`` of ``admmprune.train``, ``.analyze``, ``.export``).
+- ``RstToMarkdown``, a griffe extension (mkdocs.yml lists it), turns the
+  reStructuredText of the docstrings into Markdown for the API reference:
+  ``:math:`` and ``.. math::`` into MathJax, ``:func:`` and the other roles into
+  cross-references (checked: an unknown ``admmprune`` target fails the build).
 - A Markdown link from a page to a repository file outside ``docs/`` (as
   ``../admmprune/distributed.py``, which also works when the page is read on
   GitHub) becomes a link to that file in the repository; a link to a file
@@ -284,6 +288,96 @@ def repository_links(markdown: str, page_dir: str, docs_dir: str, root: str, rep
             fenced = not fenced
         out.append(line if fenced else _LINK.sub(sub, line))
     return "\n".join(out), missing
+
+
+# --- reStructuredText in docstrings -----------------------------------------------------
+
+_ROLE = re.compile(r":(?:py:)?(func|class|mod|meth|attr|data|exc|obj):`([^`]+)`")
+_MATH_ROLE = re.compile(r":math:`([^`]+)`")
+#: Roles whose targets live outside admmprune: shown as code, not linked
+#: (the build has no network to fetch those projects' inventories).
+EXTERNAL = ("jax", "jnp", "np", "numpy", "optax", "flax", "nnx", "functools", "orbax", "grain", "tfds", "scipy")
+
+
+def _role(m: re.Match) -> str:
+    text = m.group(2).strip()
+    shown, target = text, text
+    explicit = re.fullmatch(r"(.*?)\s*<([^>]+)>", text, re.DOTALL)
+    if explicit:
+        shown, target = explicit.group(1), explicit.group(2)
+    if target.startswith("~"):
+        target = target[1:]
+        shown = target.rsplit(".", 1)[-1]
+    if m.group(1) in ("func", "meth") and not explicit:
+        shown += "()" if not shown.endswith(")") else ""
+    if m.group(1) == "attr" or target.split(".")[0] in EXTERNAL or any(p.startswith("_") for p in target.split(".")):
+        return f"`{shown}`"  # attributes (documented in their class's Attributes section), private or external
+    return f"[`{shown}`][{target}]"
+
+
+def rst_to_markdown(text: str) -> str:
+    """The reStructuredText of a docstring as Markdown: ``.. math::`` blocks as
+    ``$$`` blocks (multi-line ones in ``aligned``), ``:math:`x``` as ``$x$``,
+    ``:func:`x``` and the other roles as cross-references ``[`x()`][x]``
+    (resolved in the object's scope; ``~`` shows the last name only; ``:attr:``,
+    private and other projects' targets as code only), and a
+    paragraph ending in ``::`` before a literal block as ending in ``:``.
+    """
+    lines = text.split("\n")
+    out, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        m = re.match(r"^(\s*)\.\. math::\s*(.*)$", line)
+        if not m:
+            out.append(line)
+            i += 1
+            continue
+        indent, body = m.group(1), [m.group(2)] if m.group(2).strip() else []
+        i += 1
+        while i < len(lines) and (not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) > len(indent)):
+            if not lines[i].strip() and (i + 1 >= len(lines) or not lines[i + 1].strip()
+                                          or len(lines[i + 1]) - len(lines[i + 1].lstrip()) <= len(indent)):
+                break
+            body.append(lines[i].strip())
+            i += 1
+        math = "\n".join(b for b in body if b)
+        if "&" in math or "\\\\" in math:
+            math = "\\begin{aligned}\n" + math + "\n\\end{aligned}"
+        out += [f"{indent}$$"] + [f"{indent}{b}" for b in math.split("\n")] + [f"{indent}$$"]
+    text = "\n".join(out)
+    text = _MATH_ROLE.sub(lambda m: f"${m.group(1)}$", text)
+    text = _ROLE.sub(_role, text)
+    return re.sub(r"(\S)::\n(\s*\n)", r"\1:\n\2", text)
+
+
+try:
+    import griffe
+except ImportError:  # the docs extra is not installed: the hooks still import
+    griffe = None
+else:
+
+    class RstToMarkdown(griffe.Extension):
+        """Rewrites every docstring with :func:`rst_to_markdown` as it is loaded."""
+
+        def on_object(self, *, obj, **kwargs):
+            if obj.docstring is None and obj.is_attribute and obj.lineno and obj.filepath:
+                comment = _sphinx_comment(str(obj.filepath), obj.lineno)
+                if comment:
+                    obj.docstring = griffe.Docstring(comment, lineno=obj.lineno, parent=obj)
+            if obj.docstring is not None:
+                obj.docstring.value = rst_to_markdown(obj.docstring.value)
+
+
+def _sphinx_comment(path: str, lineno: int) -> str:
+    """The ``#:`` comment lines right above line ``lineno`` (1-based) of a file:
+    how Sphinx documents a module attribute, which griffe does not read."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    found, i = [], lineno - 2
+    while i >= 0 and lines[i].strip().startswith("#:"):
+        found.append(lines[i].strip()[2:].strip())
+        i -= 1
+    return "\n".join(reversed(found))
 
 
 # --- the hooks ----------------------------------------------------------------------------

@@ -62,7 +62,9 @@ def _broken_site(tmp_path, markdown):
     config.pop("extra_javascript")
     for plugin in config["plugins"]:
         if isinstance(plugin, dict) and "mkdocstrings" in plugin:
-            plugin["mkdocstrings"]["handlers"]["python"]["paths"] = [ROOT]
+            python = plugin["mkdocstrings"]["handlers"]["python"]
+            python["paths"] = [ROOT]
+            python["options"]["extensions"] = [os.path.join(ROOT, "docs", "_hooks.py:RstToMarkdown")]
     (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
     return _build(tmp_path / "mkdocs.yml", tmp_path / "site")
 
@@ -133,3 +135,19 @@ def test_cli_reference_shows_every_option_of_the_three_commands():
                 continue
             for flag in action.option_strings:
                 assert f"`{flag}`" in page, flag
+
+
+def test_docstring_rst_becomes_markdown_with_checked_cross_references():
+    convert = _hooks().rst_to_markdown
+    text = (
+        "Alternates\n\n.. math::\n   W &\\leftarrow W - g\\\\\n   U &\\leftarrow U + W\n\n"
+        "keeps :math:`k` groups (:func:`project`, :class:`~admmprune.sparsity.Filter`,\n"
+        ":attr:`Discovery.notes`, :func:`jax.jit`, :func:`n <admmprune.projections.num_kept>`). Like this::\n\n"
+        "    project(x)\n"
+    )
+    assert convert(text) == (
+        "Alternates\n\n$$\n\\begin{aligned}\nW &\\leftarrow W - g\\\\\nU &\\leftarrow U + W\n\\end{aligned}\n$$\n\n"
+        "keeps $k$ groups ([`project()`][project], [`Filter`][admmprune.sparsity.Filter],\n"
+        "`Discovery.notes`, `jax.jit()`, [`n`][admmprune.projections.num_kept]). Like this:\n\n"
+        "    project(x)\n"
+    )
