@@ -155,7 +155,7 @@ def methods_table(res: dict, case: str) -> str:
     name = f"compare_{case}"
     r = res[name]
     with_layers = len(r["rows"][0]["layers"]) <= 4
-    best = max(row["accuracy"] for row in r["rows"])
+    best = max(row["accuracy"] for row in r["rows"] if row["flops_removed"] > 0)  # among models that were pruned
     rows = []
     for row in r["rows"]:
         acc = _pct(row["accuracy"], 2)
@@ -318,6 +318,7 @@ def copy_criteria_figures(res: dict, out_dir: str = FIGURES) -> list[str]:
     under ``runs/``); a clone without those runs keeps the committed copies.
     """
     written = []
+    os.makedirs(out_dir, exist_ok=True)
     for case in CASES:
         src = res.get(f"compare_{case}", {}).get("criteria_figures")
         if not src or not os.path.isdir(os.path.join(ROOT, src)):
