@@ -248,8 +248,36 @@ def _kept_index(n: int, members: Sequence[Any], kept: Mapping[str, np.ndarray], 
     return (np.arange(repeat)[:, None] * channels + np.flatnonzero(keep)[None, :]).reshape(-1)
 
 
-def _slice_tree(tree: Any, specs: Specs | None, kept: Mapping[str, np.ndarray]) -> Any:
-    """Cuts the removed channels out of every leaf of ``tree`` that ``specs`` places in a group."""
+def slice_channels(tree: Any, specs: Specs | None, kept: Mapping[str, np.ndarray]) -> Any:
+    """Cuts the channels ``kept`` drops out of every leaf of a plain pytree that ``specs`` places in a group.
+
+    The functional half of :func:`collapse`, for models it cannot rebuild: a
+    Flax Linen, Equinox or hand-written model's variables are sliced here, and
+    the caller builds the smaller model from the new shapes (a Linen module
+    with smaller width attributes, say). The smaller model computes what the
+    masked one computes when the pruned weights are already zero (as
+    :func:`admmprune.hard_prune` leaves them) and the groups come from
+    discovery. Runs on the host, outside ``jit``.
+
+    Args:
+      tree: the variables, e.g. a Linen ``{"params": ..., "batch_stats": ...}``
+        dict with the pruned weights zeroed.
+      specs: a spec tree with ``tree``'s structure, e.g. the ``specs`` of
+        :func:`admmprune.discovery.discover` traced on ``model.apply`` with
+        the whole variables dict; ``None`` leaves a leaf whole.
+      kept: ``{group: bool per channel}``, e.g. :func:`alive_channels` of the
+        masks. A group missing from it keeps every channel; a group that keeps
+        none leaves zero-width arrays, which most layers cannot take, so keep
+        one channel there (:func:`collapse` does).
+
+    Returns:
+      ``tree`` with the dropped channels cut out of every grouped leaf (kernel
+      columns and rows, biases, normalization parameters and statistics,
+      at each member's ``offset`` and ``repeat``).
+
+    Raises:
+      ValueError: if a group's channel count disagrees with a spec's extent.
+    """
     if specs is None:
         return tree
     flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
@@ -498,14 +526,14 @@ def collapse(
             a[0] = True  # one zeroed channel stands in for an empty group (see the module docstring)
         kept[group] = a
     zeroed = _zeroed(params, specs, masks)
-    params = _slice_tree(zeroed, specs, kept)
+    params = slice_channels(zeroed, specs, kept)
     while removable:  # a removable group that only feeds removed channels is dead too
         dead = _unread_groups(params, specs, removable, kept)
         if not dead:
             break
         kept.update({g: np.zeros_like(kept[g]) for g in dead})
-        params = _slice_tree(zeroed, specs, kept)
-    rest = _slice_tree(rest, state_specs, kept)
+        params = slice_channels(zeroed, specs, kept)
+    rest = slice_channels(rest, state_specs, kept)
 
     if name is not None:
         target = _rebuild(model, name, params)
@@ -521,4 +549,4 @@ def collapse(
     return target
 
 
-__all__ = ["alive_channels", "collapse", "consistent_masks", "masked", "removable_groups"]
+__all__ = ["alive_channels", "collapse", "consistent_masks", "masked", "removable_groups", "slice_channels"]

@@ -17,6 +17,7 @@ statistics too), because initializing them for real is slow on CPU.
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +30,8 @@ import admmprune as ap
 from admmprune import models
 from admmprune._errors import UserError
 from admmprune._types import path_str
-from admmprune.collapse import alive_channels, collapse, consistent_masks, masked
-from admmprune.discovery import discover_nnx
+from admmprune.collapse import alive_channels, collapse, consistent_masks, masked, slice_channels
+from admmprune.discovery import discover, discover_nnx
 from admmprune.projections import coupled_groups, expand_groups, num_kept
 from admmprune.sparsity import Coupled, Filter, is_spec
 
@@ -488,3 +489,48 @@ def test_random_networks_collapse_to_the_masked_model(first, depthwise, plan, he
     errors = check_equivalent(masked(model, masks, found), small, x)
     assert max(errors.values()) < TOL, (errors, found.report())
     assert_unchanged(model, snap)
+
+
+# --- plain pytrees (Linen) -------------------------------------------------------------
+
+
+class _LinenNet(nn.Module):
+    """Conv-BN, a residual conv pair, a concatenation of two convs, a flatten into Dense."""
+
+    widths: tuple[int, int, int, int] = (8, 6, 5, 7)
+
+    @nn.compact
+    def __call__(self, x):
+        stem, inner, a, b = self.widths
+        x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(stem, (3, 3))(x)))
+        x = x + nn.Conv(stem, (3, 3))(nn.relu(nn.Conv(inner, (3, 3))(x)))
+        x = jnp.concatenate([nn.relu(nn.Conv(a, (1, 1))(x)), nn.relu(nn.Conv(b, (3, 3))(x))], axis=-1)
+        return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_slice_channels_collapses_linen_variables_to_the_masked_model():
+    x = jax.random.normal(jax.random.key(1), (4, 6, 6, 2))
+    model = _LinenNet()
+    variables = model.init(jax.random.key(0), x)
+    # Running statistics away from 0/1, so that slicing the wrong entries shows.
+    keys = iter(jax.random.split(jax.random.key(2), 8))
+    stats = jax.tree.map(lambda v: jax.random.uniform(next(keys), v.shape, minval=0.5, maxval=1.5),
+                         variables["batch_stats"])
+    found = discover(model.apply, {**variables, "batch_stats": stats}, x)
+    pruned, masks = ap.hard_prune(variables["params"], found.specs["params"], 0.5)
+    masked_vars = {"params": pruned, "batch_stats": stats}
+    kept = alive_channels(found.specs["params"], masks)
+    small_vars = slice_channels(masked_vars, found.specs, kept)
+
+    # Linen names the residual's outer conv (Conv_1, in the stem's group) before its inner one (Conv_2).
+    groups = ("params/Conv_0", "params/Conv_2", "params/Conv_3", "params/Conv_4")
+    assert all(g in kept for g in groups), sorted(kept)
+    widths = tuple(int(kept[g].sum()) for g in groups)
+    assert widths == tuple(math.ceil(w / 2) for w in model.widths)  # half of each group, rounded up
+    small = _LinenNet(widths=widths)
+    assert jax.tree.map(jnp.shape, small_vars) == jax.tree.map(jnp.shape, small.init(jax.random.key(0), x))
+    np.testing.assert_allclose(small.apply(small_vars, x), model.apply(masked_vars, x), rtol=1e-5, atol=1e-5)
+    # A group left out of `kept` keeps every channel; None specs leave leaves whole.
+    assert slice_channels(masked_vars, None, kept) is masked_vars
+    whole = slice_channels(masked_vars, found.specs, {})
+    assert jax.tree.map(jnp.shape, whole) == jax.tree.map(jnp.shape, masked_vars)
