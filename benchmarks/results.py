@@ -98,6 +98,12 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------- tables
 
 
+def _method_rows(res: dict, case: str) -> list[dict]:
+    """A comparison's rows, then those of its variant runs (the relaxation at a higher gate lr)."""
+    extra = res.get(f"compare_{case}-relaxation-gate-lr-0.05", {}).get("rows", [])
+    return [*res[f"compare_{case}"]["rows"], *[{**x, "method": "relaxation, gate lr 0.05"} for x in extra]]
+
+
 def headline(res: dict) -> str:
     """Per model and method: accuracy, params and FLOPs removed, the collapsed model's measured speedup."""
     rows, sources = [], []
@@ -110,8 +116,7 @@ def headline(res: dict) -> str:
         dense = r["rows"][0]["dense_accuracy"]
         best = max(row["accuracy"] for row in r["rows"] if row["flops_removed"] > 0)
         rows.append([f"**{model}**", f"{r['ratio']:g}", "dense", _pct(dense, 2), "–", "–", "1.0x"])
-        extra = res.get(f"compare_{case}-relaxation-gate-lr-0.05", {}).get("rows", [])
-        for row in [*r["rows"], *[{**x, "method": "relaxation, gate lr 0.05"} for x in extra]]:
+        for row in _method_rows(res, case):
             acc = _pct(row["accuracy"], 2)
             rows.append(["", "", row["method"], f"**{acc}**" if row["accuracy"] == best else acc,
                          _pct(row["params_removed"]), _pct(row["flops_removed"]), f"{row['speedup']:.1f}x"])
@@ -252,9 +257,8 @@ def figures(res: dict, out_dir: str = FIGURES) -> list[str]:
     fig, axes = plt.subplots(1, len(CASES), figsize=(10, 3.6))
     for ax, case in zip(axes, CASES):
         r = res[f"compare_{case}"]
-        extra = res.get(f"compare_{case}-relaxation-gate-lr-0.05", {}).get("rows", [])
         ax.axhline(100 * r["rows"][0]["dense_accuracy"], color="gray", ls="--", lw=1, label="dense")
-        for row in [*r["rows"], *[{**x, "method": "relaxation, gate lr 0.05"} for x in extra]]:
+        for row in _method_rows(res, case):
             marker, color = METHOD_STYLE.get(row["method"].split(",")[0], ("x", "k"))
             ax.scatter(100 * row["flops_removed"], 100 * row["accuracy"], marker=marker, color=color, s=40,
                        facecolors="none" if "," in row["method"] else color, label=row["method"])
