@@ -2,20 +2,41 @@
 
 The core (this namespace) is pure functions and optax transformations over
 plain pytrees; it does not import flax.
+
+The code is organised by layers, each importing only the ones below it
+(``pyproject.toml``'s import contract checks this):
+
+- ``admmprune.core``: sparsity specs, channel groups, projections, ADMM and
+  the other optax transformations (no flax);
+- ``admmprune.structure``: discovery of channel groups, criteria, gates,
+  costs, measurements, collapse;
+- ``admmprune.models``: the model zoo (flax NNX);
+- ``admmprune.runtime``: data, checkpoints, distributed execution, export;
+- ``admmprune.app``: the pipeline, the methods and the analysis;
+- ``admmprune.train``, ``admmprune.analyze``, ``admmprune.export``: the
+  command lines.
+
+The modules users imported before this layout (``admmprune.collapse``,
+``admmprune.pipeline``, ...) are aliases of their new homes.
 """
 
-from admmprune import projections, schedules, sparsity
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+
 from admmprune._errors import UserError
-from admmprune.admm import AdmmState, admm, find_state, residuals, set_stage
-from admmprune.masking import MaskedState, apply_masks, hard_prune, keep_masked, mask_sparsity
-from admmprune.projections import project, project_tree
-from admmprune.schedules import (
+from admmprune.core import projections, schedules, sparsity
+from admmprune.core.admm import AdmmState, admm, find_state, residuals, set_stage
+from admmprune.core.masking import MaskedState, apply_masks, hard_prune, keep_masked, mask_sparsity
+from admmprune.core.projections import project, project_tree
+from admmprune.core.schedules import (
     constant_rho,
     geometric_rho,
     residual_balancing_rho,
     stage_ratios,
 )
-from admmprune.sparsity import (
+from admmprune.core.sparsity import (
     Block,
     Channel,
     Column,
@@ -28,16 +49,76 @@ from admmprune.sparsity import (
     resolve,
 )
 
+#: Where each module of the flat layout lives now: ``import admmprune.collapse``
+#: and ``from admmprune import collapse`` keep working.
+MOVED_MODULES = {
+    "sparsity": "admmprune.core.sparsity",
+    "projections": "admmprune.core.projections",
+    "admm": "admmprune.core.admm",
+    "masking": "admmprune.core.masking",
+    "schedules": "admmprune.core.schedules",
+    "regularizers": "admmprune.core.regularizers",
+    "graph": "admmprune.structure.graph",
+    "discovery": "admmprune.structure.discovery",
+    "collapse": "admmprune.structure.collapse",
+    "costs": "admmprune.structure.costs",
+    "gates": "admmprune.structure.gates",
+    "criteria": "admmprune.structure.criteria",
+    "measure": "admmprune.structure.measure",
+    "data": "admmprune.runtime.data",
+    "checkpoint": "admmprune.runtime.checkpoint",
+    "distributed": "admmprune.runtime.distributed",
+    "pipeline": "admmprune.app.pipeline",
+    "methods": "admmprune.app.methods",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolves ``admmprune.<old name>`` to the module at its new path, imported
+    only when asked for (the core namespace stays free of flax and orbax)."""
+
+    def find_spec(self, fullname, path, target=None):
+        prefix, _, name = fullname.rpartition(".")
+        if prefix == __name__ and name in MOVED_MODULES:
+            return importlib.machinery.ModuleSpec(fullname, self)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        # The import system returns whatever sys.modules holds under the name
+        # once this returns: the real module, not the empty placeholder.
+        sys.modules[module.__name__] = importlib.import_module(MOVED_MODULES[module.__name__.rpartition(".")[2]])
+
+
+if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
+    sys.meta_path.append(_MovedModuleFinder())
+# The core's modules are loaded already: alias them now, so that a later
+# ``import admmprune.admm`` finds the module in sys.modules and does not rebind
+# the ``admmprune.admm`` function to it.
+for _name in ("sparsity", "projections", "admm", "masking", "schedules"):
+    sys.modules[f"{__name__}.{_name}"] = importlib.import_module(MOVED_MODULES[_name])
+del _name
+
+
+def __getattr__(name):
+    # ``admmprune.collapse`` after a bare ``import admmprune``, as before.
+    if name in MOVED_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 
 def load(path):
-    """Rebuilds a model saved with ``admmprune.checkpoint.save_model`` (e.g. a
+    """Rebuilds a model saved with ``admmprune.runtime.checkpoint.save_model`` (e.g. a
     run's collapsed model), from its arrays and architecture metadata.
 
     Imported lazily: the core namespace does not import flax or orbax.
     """
-    from admmprune.checkpoint import load_model
+    from admmprune.runtime.checkpoint import load_model
 
     return load_model(path)
 

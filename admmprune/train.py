@@ -1,6 +1,6 @@
 """Command line: prune a network with ADMM (or a baseline) and write a report.
 
-This file is intentionally short: the logic is in :mod:`admmprune.pipeline`,
+This file is intentionally short: the logic is in :mod:`admmprune.app.pipeline`,
 which a notebook calls the same way.
 """
 
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="admm (default), or a method to compare it with on equal epochs: magnitude (filter pruning by "
         "prune.criterion, one-shot or iterative), l1_mask (learned L1-regularized channel masks), slimming "
         "(L1 on BatchNorm scales), relaxation (sigmoid channel gates with a FLOPs target), group_lasso; "
-        "see admmprune/methods.py",
+        "see admmprune/app/methods.py",
     )
     parser.add_argument("--workdir", help="the run's directory (default: runs/MODEL-DATASET-METHOD-RATIO)")
     group = parser.add_argument_group("multi-process runs (docs/distributed.md)")
@@ -173,7 +173,7 @@ def join_run(args: argparse.Namespace) -> None:
         timeout = int(args.init_timeout)
     except ValueError:
         raise UserError(f"--init-timeout must be a number of seconds, got {args.init_timeout!r}") from None
-    from admmprune import distributed
+    from admmprune.runtime import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
                            timeout=timeout, exit_on_timeout=True)

@@ -5,7 +5,7 @@ Run by hand (a benchmark, not a test):
     python benchmarks/compare_methods.py lenet5-mnist        # LeNet-5, MNIST, ratio 0.9
     python benchmarks/compare_methods.py resnet20-fashion    # ResNet-20, Fashion-MNIST, ratio 0.5
 
-Each case runs the pipeline once per method (``admmprune/methods.py``) with
+Each case runs the pipeline once per method (``admmprune/app/methods.py``) with
 the same config and seed, so the dense phase is the same model (deterministic
 on CPU; the script warns if the dense accuracies differ) and every method
 trains for the same epochs after it. Workdirs are kept under ``--root``, so a

@@ -11,7 +11,7 @@
   ``:math:`` and ``.. math::`` into MathJax, ``:func:`` and the other roles into
   cross-references (checked: an unknown ``admmprune`` target fails the build).
 - A Markdown link from a page to a repository file outside ``docs/`` (as
-  ``../admmprune/distributed.py``, which also works when the page is read on
+  ``../admmprune/runtime/distributed.py``, which also works when the page is read on
   GitHub) becomes a link to that file in the repository; a link to a file
   that does not exist is a warning, so the strict build fails.
 

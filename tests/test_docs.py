@@ -31,11 +31,11 @@ def test_the_site_builds_strictly(tmp_path):
     result = _build(os.path.join(ROOT, "mkdocs.yml"), tmp_path / "site")
     assert result.returncode == 0, result.stderr[-3000:]
     for page in ("index.html", "concepts/index.html", "reference/config/index.html", "reference/cli/index.html",
-                 "api/admm/index.html", "results/index.html"):
+                 "api/core/admm/index.html", "results/index.html"):
         assert (tmp_path / "site" / page).is_file(), page
     config_page = (tmp_path / "site" / "reference/config/index.html").read_text()
     assert 'id="admm.interval"' in config_page
-    assert "admmprune.admm.admm" in (tmp_path / "site" / "api/admm/index.html").read_text()
+    assert "admmprune.core.admm.admm" in (tmp_path / "site" / "api/core/admm/index.html").read_text()
 
 
 # kind: (Markdown, what the warning names). Each is a WARNING, which --strict

@@ -107,7 +107,7 @@ class LeNet5(nnx.Module):
 
         ``fc1`` reads the flattened ``(H, W, conv2)`` map, so each ``conv2``
         channel is ``H * W`` rows of its kernel. See
-        :func:`admmprune.graph.chain_specs`.
+        :func:`admmprune.structure.graph.chain_specs`.
         """
         return (("conv1", 1), ("conv2", 1), ("fc1", self._flat_repeat), ("fc2", 1))
 

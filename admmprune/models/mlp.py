@@ -76,7 +76,7 @@ class MLP(nnx.Module):
     @property
     def chain(self) -> tuple[tuple[str, int], ...]:
         """Layers in data-flow order with the repeat of their input channels
-        (see :func:`admmprune.graph.chain_specs`)."""
+        (see :func:`admmprune.structure.graph.chain_specs`)."""
         return tuple((f"layers/{i}", 1) for i in range(len(self.layers))) + (("head", 1),)
 
     @property

@@ -307,7 +307,7 @@ class ResNet(PerConvWidths, nnx.Module):
         """Width layers that may have width 0: the inner convs of residual branches.
 
         A block whose inner channels are all pruned computes a constant on its
-        branch; :func:`admmprune.collapse.collapse` then builds it with width 0,
+        branch; :func:`admmprune.structure.collapse.collapse` then builds it with width 0,
         which drops the branch's convs (see :class:`BasicBlock`, :class:`Bottleneck`).
         """
         return self._removable(self._layers)

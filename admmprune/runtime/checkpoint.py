@@ -1,0 +1,309 @@
+"""Checkpoints that describe themselves: arrays, data position and metadata.
+
+The only module of admmprune that imports orbax. A checkpoint step holds three
+items:
+
+- ``state``: a pytree of jax/numpy arrays (params, optimizer and ADMM state),
+- ``data_state``: where the data iterator is (``iterator.get_state()`` of a
+  :func:`admmprune.runtime.data.make_loader` iterator), as JSON,
+- ``metadata``: a JSON dict that says what the arrays are (architecture widths
+  after collapse, phase and stage, the config), readable on its own so that the
+  restore target can be built from it first.
+
+Saving is atomic: orbax writes a step into a temporary directory and renames it
+when complete, so a process killed mid-save leaves no step that
+:meth:`Checkpointer.latest_step` would return; the leftover temporary directory
+is removed the next time the directory is opened.
+
+Examples:
+    >>> ckpt = Checkpointer(workdir / "checkpoints")  # doctest: +SKIP
+    >>> ckpt.save(step, state, data_state=it.get_state(), metadata={"widths": w})
+    >>> meta = ckpt.restore_metadata()  # build the model from meta["widths"] ...
+    >>> step, state, data_state, meta = ckpt.restore(jax.eval_shape(lambda: state))
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple, Self
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from admmprune._errors import UserError
+
+__all__ = ["Checkpointer", "Restored", "load_model", "save_model"]
+
+_STATE = "state"
+_DATA = "data_state"
+_META = "metadata"
+
+
+class Restored(NamedTuple):
+    """One restored checkpoint step.
+
+    Attributes:
+        step: The step number.
+        state: The pytree of arrays, with the target's structure, shapes and
+            dtypes (and shardings, where the target gives them).
+        data_state: The data iterator state as saved (None if none was saved).
+        metadata: The metadata dict as saved (JSON round trip: tuples come back
+            as lists).
+    """
+
+    step: int
+    state: Any
+    data_state: Any
+    metadata: dict[str, Any]
+
+
+class Checkpointer:
+    """Saves and restores numbered checkpoint steps in one directory.
+
+    A thin wrapper over ``orbax.checkpoint.CheckpointManager``. Use it as a
+    context manager, or call :meth:`close`, so that a pending save finishes.
+    Every process of a multi-process run must make the same calls.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = 2,
+        async_save: bool = False,
+        this_process_only: bool = False,
+    ):
+        """Opens (creating if needed) a checkpoint directory.
+
+        Args:
+            directory: Where the steps live, one subdirectory per step.
+            max_to_keep: How many of the most recent steps to keep; None keeps all.
+            async_save: Whether :meth:`save` returns while the arrays are still
+                being written (call :meth:`wait` or :meth:`close` before relying
+                on them). Synchronous by default.
+            this_process_only: Whether this process alone uses the directory
+                (in a multi-process run, the others make no matching calls): it
+                must then save host arrays (numpy), not global ``jax.Array`` s.
+
+        Raises:
+            UserError: ``max_to_keep`` is not a positive integer or None.
+        """
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep <= 0):
+            raise UserError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
+        self._directory = os.path.abspath(os.fspath(directory))
+        multiprocessing = {}
+        if this_process_only and jax.process_count() > 1:
+            me = jax.process_index()
+            multiprocessing["multiprocessing_options"] = ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}
+            )
+            os.makedirs(self._directory, exist_ok=True)  # orbax cannot create it for a subset of processes
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=not multiprocessing,
+            # Removes what a process killed mid-save left behind.
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+            **multiprocessing,
+        )
+        self._manager = ocp.CheckpointManager(
+            self._directory, options=options, item_names=(_STATE, _DATA, _META)
+        )
+
+    @property
+    def directory(self) -> str:
+        """The absolute path of the checkpoint directory."""
+        return self._directory
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_state: Any = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        """Saves one step, atomically, then drops steps beyond ``max_to_keep``.
+
+        Args:
+            step: The step number; must be larger than every saved step.
+            state: A pytree of jax or numpy arrays.
+            data_state: The data iterator's state; anything JSON can encode.
+            metadata: A JSON-encodable dict that describes ``state``.
+
+        Raises:
+            UserError: ``step`` is negative or not after the latest saved step.
+        """
+        if not isinstance(step, int) or step < 0:
+            raise UserError(f"checkpoint step must be a non-negative integer, got {step!r}")
+        latest = self._manager.latest_step()
+        if latest is not None and step <= latest:
+            raise UserError(
+                f"cannot save step {step} in {self._directory}: step {latest} is already "
+                "there; resume from it or use an empty directory"
+            )
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.StandardSave(state),
+                    _DATA: ocp.args.JsonSave(data_state),
+                    _META: ocp.args.JsonSave(dict(metadata or {})),
+                }
+            ),
+        )
+
+    def wait(self) -> None:
+        """Blocks until a pending asynchronous save is on disk."""
+        self._manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        """Returns the newest complete step, or None if there is none."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Returns the complete steps on disk, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def _step(self, step: int | None) -> int:
+        if step is None:
+            step = self._manager.latest_step()
+            if step is None:
+                raise UserError(
+                    f"no checkpoint in {self._directory}: train first or pick a workdir"
+                )
+        elif step not in self._manager.all_steps():
+            raise UserError(
+                f"no checkpoint step {step} in {self._directory}; steps there: {self.all_steps()}"
+            )
+        return step
+
+    def restore_metadata(self, step: int | None = None) -> dict[str, Any]:
+        """Reads only the metadata of a step, without touching its arrays.
+
+        Args:
+            step: The step; None means the latest.
+
+        Returns:
+            The metadata dict as saved.
+
+        Raises:
+            UserError: there is no such step.
+        """
+        step = self._step(step)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
+        )
+        return restored[_META]
+
+    def restore(self, target: Any, step: int | None = None) -> Restored:
+        """Restores a step into the structure of ``target``.
+
+        Args:
+            target: A pytree with the structure, shapes and dtypes of the saved
+                state: concrete arrays, or abstract ones such as
+                ``jax.eval_shape`` returns (``jax.ShapeDtypeStruct`` leaves, with
+                a ``sharding`` to restore onto specific devices).
+            step: The step; None means the latest.
+
+        Returns:
+            A :class:`Restored` ``(step, state, data_state, metadata)``.
+
+        Raises:
+            UserError: there is no such step, or the saved arrays do not match
+                ``target`` (e.g. a different architecture).
+        """
+        step = self._step(step)
+        try:
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    **{
+                        _STATE: ocp.args.StandardRestore(target),
+                        _DATA: ocp.args.JsonRestore(),
+                        _META: ocp.args.JsonRestore(),
+                    }
+                ),
+            )
+        except ValueError as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"checkpoint step {step} in {self._directory} does not match the model to "
+                f"restore into ({detail}); build the model from restore_metadata() first"
+            ) from None
+        return Restored(step, restored[_STATE], restored[_DATA], restored[_META])
+
+    def close(self) -> None:
+        """Waits for a pending save and releases the manager."""
+        self._manager.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# Whole models: arrays plus the architecture that gives them their shapes.
+
+
+def save_model(directory: str | os.PathLike, model: Any) -> None:
+    """Saves a registered NNX model with its architecture, for :func:`load_model`.
+
+    The arrays (parameters and other state, e.g. BatchNorm statistics) go to an
+    orbax checkpoint; the registry name and constructor arguments (the slim
+    widths of a collapsed model included) go to its JSON metadata. No pickle.
+    In a multi-process run, the calling process saves it alone.
+
+    Args:
+        directory: A new or empty directory.
+        model: An instance of a class in :mod:`admmprune.models`.
+
+    Raises:
+        UserError: the model's class is not registered, or the directory holds
+            something else.
+    """
+    from flax import nnx
+
+    from admmprune import models
+
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise UserError(f"{directory} is not empty; save the model to a new directory")
+    meta = {"format": "admmprune.model/1", "model": models.name_of(model), "config": model.config}
+    state = nnx.to_pure_dict(nnx.state(model))
+    if jax.process_count() > 1:  # only host arrays can be saved by one process of several
+        state = jax.tree.map(np.asarray, state)
+    with Checkpointer(directory, max_to_keep=1, this_process_only=True) as ckpt:
+        ckpt.save(0, state, metadata=meta)
+
+
+def load_model(directory: str | os.PathLike) -> Any:
+    """Rebuilds a model saved by :func:`save_model`, without rerunning anything.
+
+    The architecture is built from the metadata with ``nnx.eval_shape`` (no
+    initialization), then filled with the saved arrays.
+
+    Raises:
+        UserError: the directory holds no saved model.
+    """
+    from flax import nnx
+
+    from admmprune import models
+
+    directory = os.path.abspath(os.fspath(directory))
+    if not os.path.isdir(directory):
+        raise UserError(f"no saved model in {directory}: the directory does not exist")
+    with Checkpointer(directory, max_to_keep=1) as ckpt:
+        meta = ckpt.restore_metadata()
+        if meta.get("format") != "admmprune.model/1":
+            raise UserError(f"{directory} holds a checkpoint, not a model saved by admmprune.save_model")
+        abstract = nnx.eval_shape(lambda: models.get(meta["model"], **meta["config"], rngs=nnx.Rngs(0)))
+        target = nnx.to_pure_dict(nnx.state(abstract))
+        restored = ckpt.restore(target)
+    state = nnx.state(abstract)
+    nnx.replace_by_pure_dict(state, restored.state)
+    nnx.update(abstract, state)
+    return abstract

@@ -1,0 +1,552 @@
+"""Collapse: physically remove pruned channels from a Flax NNX model (layer L3).
+
+After hard pruning, a channel group (see :mod:`admmprune.structure.discovery`) whose
+channel is removed is zero in every parameter that produces it and in every
+input row that reads it, so the channel can be cut out of all of them: the
+kernels lose output columns and input rows, biases and normalization scales,
+offsets and running statistics lose entries, depthwise kernels lose their
+channels. :func:`collapse` returns a new, smaller model that computes exactly
+what :func:`masked` (the original model with the pruned weights zeroed)
+computes, in training mode (batch statistics) and evaluation mode alike.
+
+How a channel is judged kept: a group keeps a channel when *every* member's
+mask keeps some weight of it (``AND`` over the members of
+:func:`admmprune.core.projections.groups_alive`); masks from
+:func:`admmprune.hard_prune` agree across a group, so this only matters for
+hand-made masks. :func:`consistent_masks` spreads each group's decision to all
+of its members, and :func:`masked` applies those masks, so that the reference
+model and the collapsed one always agree.
+
+Why the removed channels may go: the masked model's removed channel is zero
+where it is produced (kernel column, bias, BatchNorm ``scale`` and ``bias``
+all zero; a BatchNorm then outputs ``0 * (x - mean) / std + 0 = 0`` whatever
+its statistics, and in training mode the batch statistics of the zero channel
+are ``0``), stays zero through zero-preserving activations, and is read by
+zeroed rows. Discovery only forms groups for which this holds.
+
+A group that keeps *no* channel is removed where the model can do without
+it: a registered model listing the group's layers in ``removable_layers``
+(the inner convs of a ResNet block) is rebuilt with width 0 there, and the
+block drops the branch's convs. A fully pruned residual branch is *not* just
+its shortcut: ``bn2(conv2(0))`` is the constant ``bias`` in training mode and
+``bias - mean * scale / std`` in evaluation mode, so the rebuilt block keeps
+``bn2`` and adds that constant (see :class:`admmprune.models.resnet.BasicBlock`).
+Elsewhere the group keeps one channel, its first, still zeroed: Flax layers
+need every width ``>= 1``, and one dead channel computes exactly zero and
+costs a few weights.
+
+Two ways to build the smaller model:
+
+* a registered model (:func:`admmprune.models.name_of` knows its class, and it
+  has ``config``, ``widths_arg`` and ``width_layers`` or a declared
+  ``chain``) is rebuilt from its ``config`` with the new widths (entry ``i``
+  of ``widths`` becomes the output width of the collapsed kernel of
+  ``width_layers[i]``), so ``config`` and ``widths`` describe the collapsed
+  model and a checkpoint can record them;
+* any other module is copied structurally: its graph definition is merged
+  with abstract variables of the new shapes, and the size attributes of the
+  Flax layers it contains (``Linear``, ``Conv`` including depthwise
+  ``feature_group_count``, ``ConvTranspose``, ``BatchNorm``, ``LayerNorm``,
+  ``RMSNorm``, ``GroupNorm``, ``Embed``) are set from their new variables.
+  Custom modules must read their sizes from their variables' shapes (as
+  ``__call__`` code usually does), not from attributes holding widths.
+
+Either way the target is built with ``nnx.eval_shape`` or from abstract
+variables, its shapes are checked against the sliced variables, and it is
+filled with ``nnx.update``; train/eval flags (``use_running_average``,
+``deterministic``) are copied from the input module. Everything here runs on
+the host, outside ``jit``: it changes shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from admmprune import models
+from admmprune._errors import UserError
+from admmprune._types import Masks, Specs, path_str
+from admmprune.structure.discovery import Discovery
+from admmprune.core.projections import coupled_groups
+from admmprune.core.sparsity import CHANNEL_SPECS, Channel, Coupled, is_spec
+
+#: Module attributes that say train or eval mode; copied onto the collapsed model.
+_MODE_FLAGS = ("use_running_average", "deterministic")
+
+
+# --- which channels each group keeps ---------------------------------------------
+
+
+def _members(spec: Any) -> tuple[Any, ...]:
+    if isinstance(spec, Coupled):
+        return spec.specs
+    if isinstance(spec, CHANNEL_SPECS) and spec.group is not None:
+        return (spec,)
+    return ()
+
+
+def _split_specs(specs: Specs | Discovery, state_specs: Specs | None) -> tuple[Specs, Specs | None]:
+    if isinstance(specs, Discovery):
+        return specs.specs, specs.state_specs if state_specs is None else state_specs
+    return specs, state_specs
+
+
+def alive_channels(specs: Specs | Discovery, masks: Masks) -> dict[str, np.ndarray]:
+    """``{group: boolean (C,)}``: the channels each group keeps.
+
+    A channel is kept when every member of the group keeps some weight of it
+    (``AND`` over the members of :func:`admmprune.core.projections.groups_alive`).
+    Members without a mask do not vote, nor do leaves in several groups whose
+    mask is all ``False`` (a fully pruned branch's next conv); a group none of whose members has a
+    mask keeps everything and is left out of the result.
+
+    Args:
+      specs: the spec tree of the parameters, or a :class:`Discovery`.
+      masks: boolean masks shaped like the parameters (``None`` = unmasked),
+        e.g. from :func:`admmprune.hard_prune`.
+
+    Returns:
+      A numpy boolean vector per group, on the host.
+    """
+    specs, _ = _split_specs(specs, None)
+    _, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    flat_masks = treedef.flatten_up_to(masks)
+    out: dict[str, np.ndarray] = {}
+    flat_specs = jax.tree.leaves(specs, is_leaf=is_spec)
+    for name, members in coupled_groups(specs).items():
+        for i, spec in members:
+            if flat_masks[i] is None or _abstains(flat_masks[i], flat_specs[i]):
+                continue
+            a = _alive(np.asarray(flat_masks[i]), spec)
+            out[name] = a if name not in out else out[name] & a
+    return out
+
+
+def _abstains(mask: Any, spec: Any) -> bool:
+    """A leaf in several groups whose mask is all ``False`` says nothing about any one of them.
+
+    The next conv of a fully pruned residual branch (input channels: the
+    branch's group, all removed; output channels: the residual stream's group)
+    is entirely zero; that must not remove the stream's channels.
+    """
+    return len(_members(spec)) > 1 and not np.any(np.asarray(mask))
+
+
+def _alive(mask: np.ndarray, spec: Any) -> np.ndarray:
+    """Numpy :func:`admmprune.core.projections.groups_alive` for a channel member (host code)."""
+    axis = spec.axis % mask.ndim
+    channels = mask.shape[axis] // spec.repeat
+    per_channel = np.moveaxis(mask, axis, 0).reshape(spec.repeat, channels, -1).any(axis=(0, 2))
+    return per_channel[spec.offset : channels if spec.size is None else spec.offset + spec.size]
+
+
+def _expand(keep: np.ndarray, spec: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """The elementwise mask of one channel member (``True`` outside its slice)."""
+    axis = spec.axis % len(shape)
+    channels = shape[axis] // spec.repeat
+    full = np.ones(channels, bool)
+    full[spec.offset : channels if spec.size is None else spec.offset + spec.size] = keep
+    line = np.tile(full, spec.repeat).reshape([-1 if i == axis else 1 for i in range(len(shape))])
+    return np.broadcast_to(line, shape)
+
+
+def consistent_masks(specs: Specs | Discovery, masks: Masks) -> Masks:
+    """``masks`` with each group's removed channels removed from all its members.
+
+    The result is what :func:`collapse` realizes: every member of a group
+    drops the channels that :func:`alive_channels` says the group drops, on
+    top of what its own mask drops. Masks from :func:`admmprune.hard_prune`
+    come back unchanged (as numpy arrays).
+    """
+    specs, _ = _split_specs(specs, None)
+    alive = alive_channels(specs, masks)
+    flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    flat_masks = treedef.flatten_up_to(masks)
+    out = []
+    for spec, m in zip(flat_specs, flat_masks, strict=True):
+        if m is not None:
+            m = np.asarray(m)
+            for member in _members(spec):
+                if member.group in alive:
+                    m = m & _expand(alive[member.group], member, m.shape)
+        out.append(m)
+    return treedef.unflatten(out)
+
+
+def _where(mask: Any, x: Any) -> jax.Array:
+    x = np.asarray(x)
+    return jnp.asarray(np.where(np.asarray(mask), x, np.zeros((), x.dtype)))
+
+
+def _zeroed(params: Any, specs: Specs, masks: Masks) -> Any:
+    _, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    leaves = treedef.flatten_up_to(params)
+    flat_masks = treedef.flatten_up_to(consistent_masks(specs, masks))
+    out = [x if m is None else _where(m, x) for x, m in zip(leaves, flat_masks)]
+    return treedef.unflatten(out)
+
+
+def masked(model: nnx.Module, masks: Masks, specs: Specs | Discovery | None = None) -> nnx.Module:
+    """A copy of ``model`` whose masked-out parameters are zero: the reference for :func:`collapse`.
+
+    Only ``nnx.Param`` variables are masked; BatchNorm statistics are kept as
+    they are (a removed channel has zero ``scale`` and ``bias``, so its output
+    is zero whatever its statistics). The input is not modified.
+
+    Args:
+      model: an ``nnx.Module``.
+      masks: boolean masks shaped like ``nnx.state(model, nnx.Param)``.
+      specs: if given, the masks are first made consistent over each group
+        (:func:`consistent_masks`), so that the result computes exactly what
+        ``collapse(model, masks, specs)`` computes even for masks that
+        disagree within a group.
+
+    Returns:
+      A new module of the same structure.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if specs is None:
+        params = jax.tree.map(
+            lambda m, x: x if m is None else _where(m, x),
+            masks,
+            params,
+            is_leaf=lambda v: v is None,
+        )
+    else:
+        specs, _ = _split_specs(specs, None)
+        params = _zeroed(params, specs, masks)
+    return nnx.merge(graphdef, params, rest, copy=True)
+
+
+# --- slicing -------------------------------------------------------------------------
+
+
+def _kept_index(n: int, members: Sequence[Any], kept: Mapping[str, np.ndarray], where: str) -> np.ndarray | None:
+    """Indices kept along an axis of ``n`` entries that ``members`` act on; ``None``: all."""
+    repeats = {m.repeat for m in members}
+    if len(repeats) != 1:
+        raise ValueError(f"{where}: members on one axis disagree on repeat {sorted(repeats)}")
+    repeat = repeats.pop()
+    channels = n // repeat
+    keep = np.ones(channels, bool)
+    for m in members:
+        if m.group not in kept:
+            continue
+        stop = channels if m.size is None else m.offset + m.size
+        if len(kept[m.group]) != stop - m.offset:
+            raise ValueError(
+                f"{where}: group {m.group!r} has {len(kept[m.group])} channels, the spec covers {stop - m.offset}"
+            )
+        keep[m.offset : stop] &= kept[m.group]
+    if keep.all():
+        return None
+    return (np.arange(repeat)[:, None] * channels + np.flatnonzero(keep)[None, :]).reshape(-1)
+
+
+def slice_channels(tree: Any, specs: Specs | None, kept: Mapping[str, np.ndarray]) -> Any:
+    """Cuts the channels ``kept`` drops out of every leaf of a plain pytree that ``specs`` places in a group.
+
+    The functional half of :func:`collapse`, for models it cannot rebuild: a
+    Flax Linen, Equinox or hand-written model's variables are sliced here, and
+    the caller builds the smaller model from the new shapes (a Linen module
+    with smaller width attributes, say). The smaller model computes what the
+    masked one computes when the pruned weights are already zero (as
+    :func:`admmprune.hard_prune` leaves them) and the groups come from
+    discovery. Runs on the host, outside ``jit``.
+
+    Args:
+      tree: the variables, e.g. a Linen ``{"params": ..., "batch_stats": ...}``
+        dict with the pruned weights zeroed.
+      specs: a spec tree with ``tree``'s structure, e.g. the ``specs`` of
+        :func:`admmprune.structure.discovery.discover` traced on ``model.apply`` with
+        the whole variables dict; ``None`` leaves a leaf whole.
+      kept: ``{group: bool per channel}``, e.g. :func:`alive_channels` of the
+        masks. A group missing from it keeps every channel; a group that keeps
+        none leaves zero-width arrays, which most layers cannot take, so keep
+        one channel there (:func:`collapse` does).
+
+    Returns:
+      ``tree`` with the dropped channels cut out of every grouped leaf (kernel
+      columns and rows, biases, normalization parameters and statistics,
+      at each member's ``offset`` and ``repeat``).
+
+    Raises:
+      ValueError: if a group's channel count disagrees with a spec's extent.
+    """
+    if specs is None:
+        return tree
+    flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
+    leaves = treedef.flatten_up_to(tree)
+    out = []
+    for (path, spec), x in zip(flat, leaves, strict=True):
+        members = _members(spec)
+        if members:
+            x = np.asarray(x)
+            shape = x.shape
+            by_axis: dict[int, list[Any]] = {}
+            for m in members:
+                by_axis.setdefault(m.axis % len(shape), []).append(m)
+            for axis, ms in sorted(by_axis.items()):
+                idx = _kept_index(shape[axis], ms, kept, f"{path_str(path)}[axis {axis}]")
+                if idx is not None:
+                    x = np.take(x, idx, axis=axis)
+            x = jnp.asarray(x)
+        out.append(x)
+    return treedef.unflatten(out)
+
+
+def _shapes(state: Any) -> dict[str, tuple[int, ...]]:
+    # Shapes only: a model whose arrays were cast (say to bfloat16) keeps its dtypes through nnx.update.
+    return {path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def _check_shapes(target: nnx.Module, states: Sequence[Any], how: str) -> None:
+    want: dict[str, Any] = {}
+    for s in states:
+        want.update(_shapes(s))
+    got = _shapes(nnx.state(target))
+    problems = [
+        f"{p}: built {got.get(p)}, collapsed {want.get(p)}"
+        for p in sorted(set(want) | set(got))
+        if got.get(p) != want.get(p)
+    ]
+    if problems:
+        raise ValueError(
+            f"the model {how} does not fit the collapsed variables (are the groups consistent with the "
+            "architecture's width constraints, and were the state specs given?):\n  " + "\n  ".join(problems[:10])
+        )
+
+
+# --- building the smaller module ---------------------------------------------------------
+
+
+def _modules(node: Any) -> dict[tuple[Any, ...], nnx.Module]:
+    return {tuple(p): m for p, m in nnx.iter_graph(node) if isinstance(m, nnx.Module)}
+
+
+def _copy_mode(source: nnx.Module, target: nnx.Module) -> None:
+    targets = _modules(target)
+    for path, m in _modules(source).items():
+        t = targets.get(path)
+        if t is None or type(t) is not type(m):
+            continue
+        for flag in _MODE_FLAGS:
+            if flag in vars(m):
+                setattr(t, flag, getattr(m, flag))
+
+
+def _width_layers(model: Any) -> Sequence[str] | None:
+    layers = getattr(model, "width_layers", None)
+    if layers is not None:
+        return layers
+    chain = getattr(model, "chain", None)
+    return None if chain is None else [name for name, _ in chain[:-1]]
+
+
+def _registered_name(model: Any) -> str | None:
+    try:
+        name = models.name_of(model)
+    except UserError:
+        return None
+    has = all(hasattr(model, a) for a in ("config", "widths_arg", "widths"))
+    return name if has and _width_layers(model) is not None else None
+
+
+def removable_groups(model: Any, specs: Specs, params: Any) -> set[str]:
+    """Groups that may keep no channel: all their width layers are in ``model.removable_layers``."""
+    removable = set(getattr(model, "removable_layers", ()))
+    if not removable:
+        return set()
+    layer_groups: dict[str, set[str]] = {}  # group -> the width layers whose outputs it holds
+    flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
+    layers = set(_width_layers(model))
+    for (path, spec), x in zip(flat, treedef.flatten_up_to(params), strict=True):
+        p = path_str(path)
+        layer = p.rsplit("/", 1)[0]
+        if p.endswith("/kernel") and layer in layers:
+            for m in _members(spec):
+                if m.axis % np.ndim(x) == np.ndim(x) - 1:  # the kernel's outputs
+                    layer_groups.setdefault(m.group, set()).add(layer)
+    return {g for g, ls in layer_groups.items() if ls <= removable}
+
+
+def _unread_groups(params: Any, specs: Specs, groups: set[str], kept: Mapping[str, np.ndarray]) -> list[str]:
+    """Groups in ``groups`` that still keep channels but whose every reader (``Channel`` member) is empty."""
+    leaves = jax.tree.leaves(params)
+    out = []
+    for name, members in coupled_groups(specs).items():
+        if name not in groups or name not in kept or not kept[name].any():
+            continue
+        readers = [i for i, m in members if isinstance(m, Channel)]
+        if readers and all(np.size(leaves[i]) == 0 for i in readers):
+            out.append(name)
+    return out
+
+
+def _drop_empty(state: Any, target: nnx.Module) -> Any:
+    """``state`` without the empty variables that ``target`` does not have."""
+    have = set(_shapes(nnx.state(target)))
+    flat = nnx.to_flat_state(state)
+    return nnx.from_flat_state([(p, v) for p, v in flat if np.size(v[...]) or "/".join(map(str, p)) in have])
+
+
+def _rebuild(model: nnx.Module, name: str, params: Any) -> nnx.Module:
+    """The registered model's abstract smaller copy, from its config and the new kernel widths."""
+    shapes = _shapes(params)
+    widths = []
+    for layer in _width_layers(model):
+        key = f"{layer}/kernel"
+        if key not in shapes:
+            raise ValueError(f"{type(model).__name__}: width layer {layer!r} has no kernel {key!r}")
+        widths.append(shapes[key][-1])
+    kwargs = {**model.config, model.widths_arg: tuple(widths)}
+    return nnx.eval_shape(lambda: models.get(name, **kwargs))
+
+
+def _set_sizes(old: nnx.Module, new: nnx.Module, where: str) -> None:
+    """Sets the size attributes of one Flax layer from its (already resized) variables."""
+
+    def shape(attr: str) -> tuple[int, ...] | None:
+        v = getattr(new, attr, None)
+        return None if v is None else tuple(v.shape)
+
+    if isinstance(new, nnx.Linear):
+        new.in_features, new.out_features = shape("kernel")
+    elif isinstance(new, nnx.Conv):
+        k = shape("kernel")
+        groups = old.feature_group_count
+        if groups > 1 and k != tuple(old.kernel_shape):
+            if groups != old.in_features or k[-2] != 1:
+                raise ValueError(f"{where}: a grouped conv that is not depthwise cannot change its channels")
+            multiplier = old.out_features // old.in_features
+            new.feature_group_count = groups = k[-1] // multiplier
+        new.in_features, new.out_features = k[-2] * groups, k[-1]
+        new.kernel_shape = k
+    elif isinstance(new, nnx.ConvTranspose):
+        k = shape("kernel")
+        new.in_features, new.out_features = (k[-1], k[-2]) if new.transpose_kernel else (k[-2], k[-1])
+        new.kernel_shape = k
+    elif isinstance(new, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm, nnx.GroupNorm)):
+        sizes = {s[-1] for s in map(shape, ("scale", "bias", "mean", "var")) if s}
+        if len(sizes) > 1:
+            raise ValueError(f"{where}: variables disagree on the number of features {sorted(sizes)}")
+        if not sizes or sizes == {old.num_features}:
+            return
+        if isinstance(new, (nnx.LayerNorm, nnx.RMSNorm)) and new.feature_axes not in (-1, (-1,)):
+            raise ValueError(f"{where}: only a normalization over the last axis can lose channels")
+        n = sizes.pop()
+        if isinstance(new, nnx.GroupNorm):
+            if old.group_size == 1:
+                new.num_groups = n
+            elif old.num_groups == 1:
+                new.group_size = n
+            else:
+                raise ValueError(f"{where}: GroupNorm with groups of several channels cannot lose channels")
+        new.num_features = n
+    elif isinstance(new, nnx.Embed):
+        new.num_embeddings, new.features = shape("embedding")
+    elif isinstance(new, (nnx.LinearGeneral, nnx.Einsum)) and _shapes(nnx.state(new)) != _shapes(nnx.state(old)):
+        raise ValueError(f"{where}: collapsing {type(new).__name__} is not supported")
+
+
+def _restructure(model: nnx.Module, graphdef: Any, params: Any, rest: Any) -> nnx.Module:
+    """An abstract copy of ``model``'s structure with the new variable shapes and layer sizes."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (params, rest))
+    target = nnx.merge(graphdef, *abstract)
+    olds = _modules(model)
+    for path, new in _modules(target).items():
+        _set_sizes(olds[path], new, "/".join(map(str, path)) or type(new).__name__)
+    return target
+
+
+def collapse(
+    model: nnx.Module,
+    masks: Masks,
+    specs: Specs | Discovery,
+    *,
+    state_specs: Specs | None = None,
+    rebuild: bool | None = None,
+) -> nnx.Module:
+    """A new, smaller model without the pruned channels, equal to :func:`masked`'s.
+
+    Runs on the host, outside ``jit`` (it changes shapes); the input model is
+    not modified. See the module docstring for how channels are chosen, why
+    a group that keeps nothing keeps one zeroed channel, and how the smaller
+    module is built.
+
+    Args:
+      model: an ``nnx.Module``, e.g. from :func:`admmprune.models.get`.
+      masks: boolean masks shaped like ``nnx.state(model, nnx.Param)``
+        (``None`` = unmasked), e.g. the second output of
+        :func:`admmprune.hard_prune`. Masks of non-channel specs are applied
+        (zeroed) but remove nothing.
+      specs: the parameters' spec tree, or the :class:`Discovery` of
+        :func:`admmprune.structure.discovery.discover_nnx` (which also supplies
+        ``state_specs``). Parameters without a channel group keep their shape.
+      state_specs: specs of the non-``Param`` state (BatchNorm running
+        statistics), as :attr:`Discovery.state_specs`; needed when groups
+        reach BatchNorm statistics and ``specs`` is not a ``Discovery``.
+      rebuild: ``None``: rebuild registered models from their ``config`` and
+        copy other modules structurally; ``False``: always copy structurally;
+        ``True``: require a registered model.
+
+    Returns:
+      A new module of the same class. For a registered model its ``config``
+      and ``widths`` have the collapsed widths.
+
+    Raises:
+      ValueError: if the collapsed variables do not fit the rebuilt model (a
+        group that breaks a width constraint of the architecture, or missing
+        ``state_specs``), or a layer cannot change its channels.
+
+    Examples:
+      >>> found = discover_nnx(model, x)
+      >>> _, masks = admmprune.hard_prune(nnx.state(model, nnx.Param), found.specs, 0.5)
+      >>> small = collapse(model, masks, found)
+      >>> np.allclose(small(x), masked(model, masks, found)(x), rtol=1e-5, atol=1e-5)
+      True
+    """
+    specs, state_specs = _split_specs(specs, state_specs)
+    name = None if rebuild is False else _registered_name(model)
+    if rebuild and name is None:
+        raise ValueError(f"{type(model).__name__} is not a registered model with config, widths and width layers")
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    alive = alive_channels(specs, masks)
+    removable = removable_groups(model, specs, params) if name is not None else set()
+    kept = {}
+    for group, a in alive.items():
+        if not a.any() and group not in removable:
+            a = a.copy()
+            a[0] = True  # one zeroed channel stands in for an empty group (see the module docstring)
+        kept[group] = a
+    zeroed = _zeroed(params, specs, masks)
+    params = slice_channels(zeroed, specs, kept)
+    while removable:  # a removable group that only feeds removed channels is dead too
+        dead = _unread_groups(params, specs, removable, kept)
+        if not dead:
+            break
+        kept.update({g: np.zeros_like(kept[g]) for g in dead})
+        params = slice_channels(zeroed, specs, kept)
+    rest = slice_channels(rest, state_specs, kept)
+
+    if name is not None:
+        target = _rebuild(model, name, params)
+        how = f"rebuilt from {type(model).__name__}'s config"
+        # A removed branch's variables are empty, and the rebuilt model has none there.
+        params, rest = (_drop_empty(s, target) for s in (params, rest))
+    else:
+        target = _restructure(model, graphdef, params, rest)
+        how = f"copied from {type(model).__name__}"
+    _check_shapes(target, (params, rest), how)
+    nnx.update(target, params, rest)
+    _copy_mode(model, target)
+    return target
+
+
+__all__ = ["alive_channels", "collapse", "consistent_masks", "masked", "removable_groups", "slice_channels"]

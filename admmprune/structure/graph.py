@@ -1,0 +1,104 @@
+"""Channel dependency groups (layer L3).
+
+Structured pruning removes a layer's output channel together with everything
+that acts on that channel: the layer's bias, and the rows of the next layer's
+kernel that read it. Such a set is one *group*, scored jointly and pruned as a
+whole, so that what is pruned can be physically removed.
+
+Models that declare their layers as a *chain* (each layer feeds the next) get
+their groups from :func:`chain_specs`. :mod:`admmprune.structure.discovery` derives the
+same spec trees for any architecture from the traced program (and equals
+:func:`chain_specs` on the chains), with a declaration as an override.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from admmprune._types import Masks, Params, Specs, path_str
+from admmprune.core.projections import coupled_groups, groups_alive, num_groups
+from admmprune.core.sparsity import Channel, Coupled, Filter, is_spec
+
+
+def chain_specs(params: Params, chain: Sequence[tuple[str, int]]) -> Specs:
+    """Coupled filter-pruning specs for a chain of dense/conv layers.
+
+    Every layer but the last has its output channels pruned in a group named
+    after it: its ``kernel`` (last axis) and ``bias``, and the next layer's
+    ``kernel`` input axis (``-2``). The last layer is the output layer: its
+    outputs are never pruned.
+
+    Args:
+      params: the parameters, with ``<layer>/kernel`` and optional
+        ``<layer>/bias`` paths (an NNX ``State`` or a nested dict).
+      chain: ``(layer path, input repeat)`` in data-flow order; ``repeat`` is
+        how many input rows each channel of the previous layer owns (``H * W``
+        for a dense layer that reads a flattened ``(H, W, C)`` map, else 1).
+
+    Returns:
+      A spec tree shaped like ``params``; parameters outside the chain get
+      ``None``.
+
+    Raises:
+      ValueError: if a layer of the chain has no kernel in ``params``.
+    """
+    table: dict[str, Any] = {}
+    names = [name for name, _ in chain]
+    for i, (name, repeat) in enumerate(chain):
+        members = []
+        if i > 0:
+            members.append(Channel(axis=-2, group=names[i - 1], repeat=repeat))
+        if i < len(chain) - 1:
+            members.append(Filter(axis=-1, group=name))
+            table[f"{name}/bias"] = Filter(axis=-1, group=name)
+        table[f"{name}/kernel"] = (
+            None if not members else members[0] if len(members) == 1 else Coupled(tuple(members))
+        )
+
+    found = set()
+
+    def pick(path, leaf):
+        del leaf
+        name = path_str(path)
+        if name in table:
+            found.add(name)
+        return table.get(name)
+
+    specs = jax.tree_util.tree_map_with_path(pick, params)
+    missing = [f"{n}/kernel" for n in names if f"{n}/kernel" not in found]
+    if missing:
+        raise ValueError(f"chain layers without a kernel in the params: {missing}")
+    return specs
+
+
+def group_widths(params: Params, specs: Specs, masks: Masks | None = None) -> dict[str, tuple[int, int]]:
+    """``{group: (kept, total)}`` channel counts of every coupled group.
+
+    A channel is kept when every member of its group keeps some weight of it;
+    without ``masks`` every channel is kept.
+    """
+    flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    leaves = treedef.flatten_up_to(params)
+    flat_masks = None if masks is None else treedef.flatten_up_to(masks)
+    out = {}
+    for name, members in coupled_groups(specs).items():
+        total = num_groups(leaves[members[0][0]].shape, members[0][1])
+        kept = total
+        if flat_masks is not None:
+            alive = None
+            for i, spec in members:
+                if isinstance(flat_specs[i], Coupled) and not bool(jnp.any(flat_masks[i])):
+                    continue  # a fully pruned branch's next conv: see collapse.alive_channels
+                a = groups_alive(flat_masks[i], spec)
+                alive = a if alive is None else alive & a
+            kept = total if alive is None else int(alive.sum())
+        out[name] = (kept, total)
+    return out
+
+
+__all__ = ["chain_specs", "group_widths"]
+
