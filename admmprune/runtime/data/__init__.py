@@ -29,15 +29,25 @@ Examples:
     >>> state = it.get_state()  # save it; later ``it.set_state(state)``
 """
 
-from admmprune.runtime.data._loader import AUGMENTATIONS, make_loader
-from admmprune.runtime.data._sources import (
-    NORMALIZATION,
-    ArraySource,
-    DatasetInfo,
-    dataset_info,
-    load_source,
-    read_arrays,
-)
+try:
+    from admmprune.runtime.data._loader import AUGMENTATIONS, make_loader
+    from admmprune.runtime.data._sources import (
+        NORMALIZATION,
+        ArraySource,
+        DatasetInfo,
+        dataset_info,
+        load_source,
+        read_arrays,
+    )
+except ModuleNotFoundError as e:
+    # tfds, grain and their helpers are not dependencies of the library itself.
+    if e.name is None or e.name.partition(".")[0] == "admmprune":
+        raise
+    raise ModuleNotFoundError(
+        f"admmprune.runtime.data needs {e.name!r}, which the pipeline extra installs: "
+        "pip install 'admmprune[pipeline]'",
+        name=e.name,
+    ) from e
 
 __all__ = [
     "AUGMENTATIONS",
