@@ -17,14 +17,19 @@ def command(*args, data_dir):
 
 def cli(*args, data_dir, timeout=300):
     """Runs the smoke config with ``args``; returns the ``CompletedProcess``."""
-    return subprocess.run(command(*args, data_dir=data_dir), capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, check=False)
+    return subprocess.run(
+        command(*args, data_dir=data_dir), capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
+    )
 
 
 def kill_after_checkpoint(workdir, *args, data_dir, after_step, timeout=240):
     """Starts a run and kills it (-9) once a checkpoint past ``after_step`` exists; returns that step or None."""
-    proc = subprocess.Popen(command("--workdir", workdir, *args, data_dir=data_dir), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command("--workdir", workdir, *args, data_dir=data_dir),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt_dir = os.path.join(workdir, "checkpoints")
     deadline, killed_at = time.time() + timeout, None
     while time.time() < deadline and proc.poll() is None:
