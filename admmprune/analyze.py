@@ -1,29 +1,5 @@
 """Command line: how far pruning criteria agree, and whether they can decide.
 
-    python -m admmprune.analyze runs/lenet5-mnist-admm-0.9          # a pipeline workdir
-    python -m admmprune.analyze path/to/saved/model --dataset mnist  # a save_model directory
-    python -m admmprune.analyze --config smoke --workdir /tmp/smoke  # train the dense model first
-
-For every prunable channel group of a trained model it scores the channels by
-every criterion of :mod:`admmprune.structure.criteria` that applies and writes to the
-output directory (default ``WORKDIR/analysis``, or ``MODEL_DIR/../analysis``):
-
-- ``similarity.csv``: per group and pair of criteria, the Spearman and Kendall
-  (tau-b) rank correlations of their scores, and the Jaccard overlap of the
-  channels each would prune at ``--ratio`` (the fraction removed);
-- ``applicability.csv``: per group and criterion, the coefficient of variation
-  of the scores, the relative gap at the cut, and a flag where the criterion
-  cannot tell channels apart (:func:`applicability` states the thresholds);
-- ``normality.csv``: per layer kernel, whether its trained weights look
-  Gaussian, the assumption behind magnitude criteria and FPGM's geometric
-  median (:func:`normality`);
-- ``analysis.json`` with all of it and the scores themselves, ``summary.md``,
-  and ``figures/``: per group a heat map of the Spearman correlations and
-  histograms of the scores, per layer a normal Q-Q plot.
-
-An existing output directory is only replaced with ``--overwrite``; the new
-one is written next to it and renamed into place at the end.
-
 This file is intentionally short: the analysis is a library
 (:mod:`admmprune.app.analyze`) that notebooks call the same way. Its public
 names are re-exported here, where users imported them before the code was
@@ -32,89 +8,93 @@ organised by layers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 from admmprune._errors import UserError, run_cli
+from admmprune.app import cli
 from admmprune.app.analyze import *  # noqa: F403 - the names users imported from admmprune.analyze
 from admmprune.app.analyze import __all__ as _library
 from admmprune.app.analyze import analyze, check_output, dataset_batches, model_specs, taylor_grads, write
-from admmprune.structure import criteria as criteria_lib
+from admmprune.structure.criteria import CRITERIA
+
+DESCRIPTION = """\
+How far pruning criteria agree, and whether they can decide.
+
+    python -m admmprune.analyze runs/lenet5-mnist-admm-0.9          # a pipeline workdir
+    python -m admmprune.analyze path/to/saved/model --dataset mnist  # a save_model directory
+    python -m admmprune.analyze --config smoke --workdir /tmp/smoke  # train the dense model first
+
+For every prunable channel group of a trained model it scores the channels by
+every criterion of admmprune.structure.criteria that applies and writes to the
+output directory (default WORKDIR/analysis, or MODEL_DIR/../analysis):
+
+- similarity.csv: per group and pair of criteria, the Spearman and Kendall
+  (tau-b) rank correlations of their scores, and the Jaccard overlap of the
+  channels each would prune at --ratio (the fraction removed);
+- applicability.csv: per group and criterion, the coefficient of variation
+  of the scores, the relative gap at the cut, and a flag where the criterion
+  cannot tell channels apart;
+- normality.csv: per layer kernel, whether its trained weights look
+  Gaussian, the assumption behind magnitude criteria and FPGM's geometric
+  median;
+- analysis.json with all of it and the scores themselves, summary.md,
+  and figures/: per group a heat map of the Spearman correlations and
+  histograms of the scores, per layer a normal Q-Q plot.
+
+An existing output directory is only replaced with --overwrite; the new
+one is written next to it and renamed into place at the end."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2 (argparse prints the usage too)
-        raise UserError(f"{message}; see --help")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line's flags (``--config.FIELD=VALUE`` overrides are set
-    aside for the train CLI's parser by ``_parse``)."""
-    parser = _Parser(
-        prog="python -m admmprune.analyze",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def build_parser() -> cli.Parser:
+    """The command line's arguments (typed absl flags; with ``--config``, its
+    ``--config.FIELD=VALUE`` overrides as in ``python -m admmprune.train``)."""
+    parser = cli.Parser(
+        "python -m admmprune.analyze",
+        description=DESCRIPTION,
         epilog="With --config, any --config.FIELD=VALUE override of python -m admmprune.train applies.",
     )
-    parser.add_argument("path", nargs="?", help="a saved model directory (save_model), or a pipeline workdir")
-    parser.add_argument("--config", help="train the dense model of this config first (as python -m admmprune.train)")
-    parser.add_argument("--workdir", help="with --config: the run's directory (default: the train CLI's)")
-    parser.add_argument("--output", help="output directory (default: WORKDIR/analysis or MODEL_DIR/../analysis)")
-    parser.add_argument("--ratio", default="0.5", help="fraction of channels pruned, for the overlaps (default 0.5)")
-    parser.add_argument(
-        "--criteria", help=f"comma-separated, from {','.join(criteria_lib.CRITERIA)} (default: all that apply)"
+    parser.add_positional("path", "a saved model directory (save_model), or a pipeline workdir", required=False)
+    parser.add_config("train the dense model of this config first (as python -m admmprune.train)", default=None)
+    parser.add_string("workdir", "with --config: the run's directory (default: the train CLI's)")
+    parser.add_string("output", "output directory (default: WORKDIR/analysis or MODEL_DIR/../analysis)")
+    parser.add_number(
+        "ratio", "fraction of channels pruned, for the overlaps", default=0.5, within=(0.0, 1.0), metavar="R"
     )
-    parser.add_argument(
-        "--dataset",
-        help="mnist, fashion_mnist, ...: training batches for the taylor criterion, normalized as the run's "
+    parser.add_choices(
+        "criteria",
+        f"comma-separated, from {','.join(CRITERIA)} (default: all that apply)",
+        choices=CRITERIA,
+        noun="criterion",
+        metavar="C1,C2,...",
+    )
+    parser.add_string(
+        "dataset",
+        "mnist, fashion_mnist, ...: training batches for the taylor criterion, normalized as the run's "
         "config says (default: the workdir's dataset; with a bare model dir, normalized as the train CLI does)",
     )
-    parser.add_argument("--data-dir", help="the tfds data directory (default: the run's, or the tfds default)")
-    parser.add_argument("--taylor-batches", default="4", help="batches of gradients for taylor (default 4)")
-    parser.add_argument("--batch-size", default="128", help="batch size of those batches (default 128)")
-    parser.add_argument("--seed", default="0", help="seed of the random criterion, the batches and subsamples")
-    parser.add_argument("--no-figures", action="store_true", help="write no PNG figures")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_string("data-dir", "the tfds data directory (default: the run's, or the tfds default)")
+    parser.add_integer("taylor-batches", "batches of gradients for taylor", default=4, minimum=1, metavar="N")
+    parser.add_integer("batch-size", "batch size of those batches", default=128, minimum=1, metavar="N")
+    parser.add_integer("seed", "seed of the random criterion, the batches and subsamples", default=0, minimum=0)
+    parser.add_switch("no-figures", "write no PNG figures")
+    parser.add_switch("overwrite", "replace an existing output directory")
     return parser
 
 
-def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = build_parser()
-    own, overrides = [], []
-    items = iter(argv)
-    for item in items:  # --config.FIELD=VALUE or --config.FIELD VALUE: for the train CLI's parser
-        if item.startswith("--config."):
-            overrides.append(item)
-            if "=" not in item:
-                overrides.append(next(items, ""))
-        else:
-            own.append(item)
-    args = parser.parse_args(own)
-    if overrides and args.config is None:
-        raise UserError(f"{overrides[0]} overrides a config: it needs --config")
+def parse_args(argv: list[str]) -> SimpleNamespace:
+    """The arguments of a command line, checked.
+
+    Raises:
+      UserError: a bad command line, or neither (or both) of a path and ``--config``.
+    """
+    args = build_parser().parse(argv)
     if (args.path is None) == (args.config is None):
         raise UserError("give a saved model directory or workdir, or --config to train one (not both)")
-    for name, low in (("ratio", None), ("taylor_batches", 1), ("batch_size", 1), ("seed", 0)):
-        text = getattr(args, name)
-        try:
-            value = float(text) if low is None else int(text)
-        except ValueError:
-            value = None
-        if value is None or (low is None and not 0 < value < 1) or (low is not None and value < low):
-            what = "a number in (0, 1)" if low is None else f"an integer >= {low}"
-            raise UserError(f"--{name.replace('_', '-')} must be {what}, got {text!r}")
-        setattr(args, name, value)
-    if args.criteria is not None:
-        args.criteria = [c.strip() for c in args.criteria.split(",") if c.strip()]
-        unknown = [c for c in args.criteria if c not in criteria_lib.CRITERIA]
-        if unknown or not args.criteria:
-            raise UserError(
-                f"unknown criterion {(unknown or [''])[0]!r}; choose from {', '.join(criteria_lib.CRITERIA)}"
-            )
-    return args, overrides
+    return args
 
 
 def _find_model(path: str) -> tuple[str, dict[str, Any]]:
@@ -138,16 +118,18 @@ def _find_model(path: str) -> tuple[str, dict[str, Any]]:
     return model_dir, data
 
 
-def run(args: argparse.Namespace, overrides: list[str]) -> str:
-    """What the command does, for parsed arguments; returns the output directory."""
+def run(args: SimpleNamespace) -> str:
+    """What the command does, for parsed arguments (:func:`parse_args`);
+    returns the output directory."""
     import admmprune
 
     if args.config is not None:
-        from admmprune import train
+        from admmprune.runtime import distributed
 
-        config, workdir = train.parse_args(
-            ["--config", args.config, *overrides, *(["--workdir", args.workdir] if args.workdir else [])]
-        )
+        # As the train CLI: a multi-process run that the environment asks for.
+        distributed.initialize(exit_on_timeout=True)
+        config = args.config
+        workdir = args.workdir or cli.default_workdir(config)
         model_dir = os.path.join(workdir, "dense")
         data = {"name": config.data.name, "data_dir": config.data.data_dir, "normalize": config.data.normalize}
     else:
@@ -195,17 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def body():
-        args, overrides = _parse(argv)
+        args = parse_args(argv)
         from absl import logging as absl_logging
 
         absl_logging.set_verbosity(absl_logging.ERROR)  # tfds's absl warnings are not actionable here
-        output = run(args, overrides)
+        output = run(args)
         print(f"analysis in {output} (summary.md, analysis.json, *.csv{'' if args.no_figures else ', figures/'})")
 
     return run_cli(body, interrupted="interrupted; nothing was written to the output directory")
 
 
-__all__ = [*_library, "build_parser", "main", "run"]
+__all__ = [*_library, "build_parser", "main", "parse_args", "run"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,14 +1,66 @@
-"""Command line: ``python -m admmprune.export`` (see :mod:`admmprune.runtime.export`).
+"""Command line: ``python -m admmprune.export MODEL_DIR --output FILE``.
 
 This file is intentionally short; the export is a library function
 (:func:`admmprune.runtime.export.export_forward`), re-exported here where
 users imported it before the code was organised by layers.
 """
 
+from __future__ import annotations
+
+import os
 import sys
 
+from admmprune._errors import UserError, run_cli
+from admmprune.app import cli
 from admmprune.runtime.export import *  # noqa: F403 - the names users imported from admmprune.export
-from admmprune.runtime.export import __all__, build_parser, main  # noqa: F401
+from admmprune.runtime.export import __all__ as _library
+from admmprune.runtime.export import export_forward
+
+DESCRIPTION = """\
+Export a saved model's forward pass as a serialized jax.export artifact:
+StableHLO with the weights baked in and a symbolic batch size, which runs with
+plain JAX, without admmprune or flax installed:
+
+    import jax
+    forward = jax.export.deserialize(open("model.jax", "rb").read())
+    logits = forward.call(images)  # images: float32 [B, H, W, C]"""
+
+
+def build_parser() -> cli.Parser:
+    """The command line's arguments (typed absl flags)."""
+    parser = cli.Parser("python -m admmprune.export", description=DESCRIPTION)
+    parser.add_positional("model_dir", "a model saved by admmprune (e.g. WORKDIR/model)")
+    parser.add_string("output", "file to write (must not exist)", required=True, metavar="FILE")
+    parser.add_sequence(
+        "input-shape",
+        "one example's shape, e.g. 28,28,1 (default: from the model)",
+        convert=int,
+        what="integers like 28,28,1",
+        metavar="SHAPE",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+
+    def body():
+        args = build_parser().parse(argv)
+        if os.path.exists(args.output):
+            raise UserError(f"{args.output} exists; choose a new --output")
+        from admmprune.runtime.checkpoint import load_model  # heavy imports after argument errors
+
+        data = export_forward(load_model(args.model_dir), args.input_shape)
+        tmp = f"{args.output}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, args.output)
+        print(f"wrote {args.output} ({len(data):,} bytes)")
+
+    return run_cli(body, interrupted="interrupted; nothing was written")
+
+
+__all__ = [*_library, "build_parser", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

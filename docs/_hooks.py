@@ -4,8 +4,9 @@
   of ``default.py`` with its default and the comment right above its
   assignment (a field without one fails the build), then what the other
   shipped configs override.
-- ``reference/cli.md`` is the ``--help`` of the three command-line parsers
-  (``build_parser()`` of ``admmprune.train``, ``.analyze``, ``.export``).
+- ``reference/cli.md`` is the ``--help`` of the three command lines and a
+  table of their arguments (``build_parser()`` of ``admmprune.train``,
+  ``.analyze``, ``.export``: an ``admmprune.app.cli.Parser`` of absl flags).
 - ``RstToMarkdown``, a griffe extension (mkdocs.yml lists it), turns the
   reStructuredText of the docstrings into Markdown for the API reference:
   ``:math:`` and ``.. math::`` into MathJax, ``:func:`` and the other roles into
@@ -85,15 +86,15 @@ def config_entries(source: str, *, require_comments: bool = True) -> list[Config
             comment.append(lines[i].strip()[1:].strip())
             i -= 1
         call = node.value
-        section = isinstance(call, ast.Call) and getattr(call.func, "id", getattr(call.func, "attr", "")) == "ConfigDict"
+        section = (
+            isinstance(call, ast.Call) and getattr(call.func, "id", getattr(call.func, "attr", "")) == "ConfigDict"
+        )
         entries.append((node.lineno, ConfigEntry(".".join(parts[1:]), "\n".join(reversed(comment)), section)))
     entries = [e for _, e in sorted(entries, key=lambda item: item[0])]
     if require_comments:
         missing = [e.name for e in entries if not e.section and not e.comment]
         if missing:
-            raise ValueError(
-                "config fields without a comment line above their assignment: " + ", ".join(missing)
-            )
+            raise ValueError("config fields without a comment line above their assignment: " + ", ".join(missing))
     return entries
 
 
@@ -148,11 +149,11 @@ def config_reference(default_source: str, default_config: Any, variants: dict[st
     values = flatten(default_config)
     fields = [e.name for e in entries if not e.section]
     if set(fields) != set(values):
-        raise ValueError(
-            f"config source and get_config() disagree: {sorted(set(fields) ^ set(values))}"
-        )
-    overrides = {name: {k: v for k, v in flatten(cfg).items() if values.get(k, object()) != v}
-                 for name, (_, cfg) in variants.items()}
+        raise ValueError(f"config source and get_config() disagree: {sorted(set(fields) ^ set(values))}")
+    overrides = {
+        name: {k: v for k, v in flatten(cfg).items() if values.get(k, object()) != v}
+        for name, (_, cfg) in variants.items()
+    }
     out = [
         "# Configuration",
         "",
@@ -211,7 +212,7 @@ def _shipped_config_reference() -> str:
 @contextlib.contextmanager
 def _columns(width: int) -> Iterator[None]:
     old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = str(width)  # argparse wraps help to the terminal's width
+    os.environ["COLUMNS"] = str(width)  # the help wraps to the terminal's width
     try:
         yield
     finally:
@@ -222,10 +223,12 @@ def _columns(width: int) -> Iterator[None]:
 
 
 def cli_reference(parsers: dict[str, Any]) -> str:
-    """The Markdown of the command-line reference: each parser's ``--help``.
+    """The Markdown of the command-line reference: each command's ``--help``
+    and a table of its arguments.
 
     Args:
-        parsers: ``{module name: argparse.ArgumentParser}``.
+        parsers: ``{module name: admmprune.app.cli.Parser}`` (what each
+            command's ``build_parser()`` returns).
     """
     out = [
         "# Command line",
@@ -239,12 +242,12 @@ def cli_reference(parsers: dict[str, Any]) -> str:
         for module, parser in parsers.items():
             anchor = module.rsplit(".", 1)[-1]
             out += [f"## `python -m {module}` {{#{anchor}}}", "", "```text", parser.format_help().rstrip(), "```", ""]
-            options = [a for a in parser._actions if a.help and a.dest != "help"]
             out += ["| argument | default | what it is |", "|---|---|---|"]
-            for action in options:
-                flags = ", ".join(f"`{s}`" for s in action.option_strings) or f"`{action.dest.upper()}`"
-                default = "" if action.default in (None, False) or action.required else f"`{action.default}`"
-                out.append(f"| {flags} | {default} | {_text(action.help)} |")
+            for option in parser.options():
+                flags = ", ".join(f"`{s}`" for s in option.flags) or f"`{option.name.upper()}`"
+                shown = option.default is not None and option.default is not False and not option.required
+                default = f"`{option.default}`" if shown else ""
+                out.append(f"| {flags} | {default} | {_text(option.help)} |")
             out.append("")
     return "\n".join(out)
 
@@ -335,8 +338,11 @@ def rst_to_markdown(text: str) -> str:
         indent, body = m.group(1), [m.group(2)] if m.group(2).strip() else []
         i += 1
         while i < len(lines) and (not lines[i].strip() or len(lines[i]) - len(lines[i].lstrip()) > len(indent)):
-            if not lines[i].strip() and (i + 1 >= len(lines) or not lines[i + 1].strip()
-                                          or len(lines[i + 1]) - len(lines[i + 1].lstrip()) <= len(indent)):
+            if not lines[i].strip() and (
+                i + 1 >= len(lines)
+                or not lines[i + 1].strip()
+                or len(lines[i + 1]) - len(lines[i + 1].lstrip()) <= len(indent)
+            ):
                 break
             body.append(lines[i].strip())
             i += 1

@@ -12,7 +12,7 @@ import pytest
 import admmprune
 from admmprune import export, models
 from admmprune._errors import UserError
-from admmprune.checkpoint import save_model
+from admmprune.runtime.checkpoint import save_model
 
 
 @pytest.mark.parametrize("name,kwargs", [("lenet5", {"features": (3, 7, 30)}), ("resnet20", {"in_shape": (16, 16, 1)})])
@@ -54,3 +54,31 @@ def test_export_runs_with_plain_jax(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model(jnp.asarray(x)), rtol=1e-5, atol=1e-5)
     assert export.main([str(tmp_path / "m"), "--output", str(out)]) == 2  # never overwrites
+
+
+def test_export_cli_errors_are_one_line_and_help_lists_every_option(tmp_path, capsys):
+    out = str(tmp_path / "m.jax")
+    cases = {
+        "the following arguments are required: --output": [str(tmp_path)],
+        "the following arguments are required: model_dir, --output": [],
+        "--input-shape must be integers like 28,28,1, got '28x28'": [
+            str(tmp_path),
+            "--output",
+            out,
+            "--input-shape",
+            "28x28",
+        ],
+        "unrecognized arguments: --bogus": [str(tmp_path), "--output", out, "--bogus"],
+        "unrecognized arguments: extra": [str(tmp_path), "extra", "--output", out],
+    }
+    for expected, args in cases.items():
+        assert export.main(args) == 2, expected
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+    assert not os.path.exists(out)
+    with pytest.raises(SystemExit) as e:
+        export.main(["--help"])
+    assert e.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("model_dir", "--output FILE", "--input-shape SHAPE", "symbolic batch size"):
+        assert flag in help_text, flag
