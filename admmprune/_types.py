@@ -50,3 +50,12 @@ def path_str(path: tuple[Any, ...]) -> str:
 def tree_paths(tree: Params, is_leaf: Any = None) -> Any:
     """Returns a pytree shaped like ``tree`` whose leaves are their ``/`` paths."""
     return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p), tree, is_leaf=is_leaf)
+
+
+def per_leaf(value: Any, treedef: Any, n: int) -> list[Any]:
+    """A value for each of the ``n`` leaves of ``treedef``: ``value`` itself if
+    it is a single leaf (a scalar), else its leaves (a tree shaped like the
+    tree ``treedef`` describes)."""
+    if jax.tree_util.treedef_is_leaf(jax.tree.structure(value)):
+        return [value] * n
+    return treedef.flatten_up_to(value)

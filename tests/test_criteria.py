@@ -10,7 +10,8 @@ from flax import nnx
 
 from admmprune import collapse, criteria, discovery, graph, masking, models
 from admmprune import projections as P
-from admmprune._types import path_str
+from admmprune import path_str
+from admmprune.core.groups import channel_groups
 from admmprune.sparsity import Channel, Coupled, Filter, Unstructured
 
 
@@ -92,18 +93,18 @@ def needs(criterion, params):
 
 
 @functools.cache
-def _member_channels(plan):
+def _member_channels(groups):
     """A jitted ``masks -> (kept channels of each member, masks those channels give)``
     (eager, the many small ops take seconds on a ResNet)."""
 
     @jax.jit
     def check(flat):
-        alive = [[P.groups_alive(flat[i], s) for i, s in members] for _, members in plan.groups]
+        alive = [[P.groups_alive(flat[m.leaf], m.spec) for m in g.members] for g in groups]
         rebuilt = [None] * len(flat)
-        for (_, members), kept in zip(plan.groups, alive):
-            for i, s in members:
-                m = P.expand_groups(kept[0], s, flat[i].shape)
-                rebuilt[i] = m if rebuilt[i] is None else rebuilt[i] & m
+        for g, kept in zip(groups, alive, strict=True):
+            for m in g.members:
+                mask = P.expand_groups(kept[0], m.spec, flat[m.leaf].shape)
+                rebuilt[m.leaf] = mask if rebuilt[m.leaf] is None else rebuilt[m.leaf] & mask
         return alive, rebuilt
 
     return check
@@ -112,13 +113,13 @@ def _member_channels(plan):
 def channel_sets(masks, params, specs):
     """{group: kept channels of each member}; checks that the masks are exactly
     what those channels give (a leaf in two groups keeps what both keep)."""
-    plan, _, treedef = criteria._plan(params, specs)
-    flat = treedef.flatten_up_to(masks)
-    alive, rebuilt = _member_channels(plan)(flat)
+    groups = channel_groups(specs, params, lone=True)  # the groups the criteria score
+    flat = groups.flatten(masks)
+    alive, rebuilt = _member_channels(groups)(flat)
     for i, m in enumerate(rebuilt):
         if m is not None:
-            np.testing.assert_array_equal(flat[i], m, err_msg=plan.paths[i])
-    return {name: [frozenset(np.flatnonzero(a).tolist()) for a in kept] for (name, _), kept in zip(plan.groups, alive)}
+            np.testing.assert_array_equal(flat[i], m, err_msg=groups.paths[i])
+    return {g.name: [frozenset(np.flatnonzero(a).tolist()) for a in kept] for g, kept in zip(groups, alive, strict=True)}
 
 
 @pytest.mark.parametrize(

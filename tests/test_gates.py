@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from admmprune import discovery, gates, graph, models
-from admmprune._types import path_str
+from admmprune import path_str
+from admmprune.core.groups import channel_groups
 from admmprune.projections import apply_masks
 from admmprune.sparsity import Channel, Coupled, Filter
 
@@ -89,7 +90,7 @@ def test_zero_gate_equals_masking_the_channel(name):
 
 def test_resnet_gates_act_on_batchnorm_only():
     specs = _zoo("resnet20")[2]
-    paths = gates._spec_paths(specs)
+    paths = channel_groups(specs).paths
     sites = gates.gate_sites(specs)
     gated = {paths[i] for members in sites.values() for i, _ in members}
     assert gated and all(p.rsplit("/", 1)[1] in ("scale", "bias") for p in gated)

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from admmprune._types import Masks, Params, Scalars, Specs, is_none
-from admmprune.core.projections import _broadcast_scalars, project_tree
+from admmprune._types import Masks, Params, Scalars, Specs, is_none, per_leaf
+from admmprune.core.projections import project_tree
 from admmprune.core.schedules import RhoSchedule, constant_rho
 from admmprune.core.sparsity import is_spec
 
@@ -66,7 +66,7 @@ class AdmmState(NamedTuple):
 
 def _scalar_tree(value: Any, specs: Specs, name: str) -> Scalars:
     flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-    values = _broadcast_scalars(value, treedef, len(flat_specs))
+    values = per_leaf(value, treedef, len(flat_specs))
     out = []
     for spec, v in zip(flat_specs, values):
         if spec is None:
@@ -230,7 +230,7 @@ def set_stage(opt_state: Any, keep_ratio: float | Scalars, *, rho: float | Scala
 
         def like(value, old):
             flat, treedef = jax.tree.flatten(old, is_leaf=is_none)
-            values = _broadcast_scalars(value, treedef, len(flat))
+            values = per_leaf(value, treedef, len(flat))
             return treedef.unflatten(
                 [None if o is None else jnp.asarray(v, o.dtype) for o, v in zip(flat, values)]
             )

@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from admmprune._types import Masks, Params, Specs, is_none
+from admmprune._types import Masks, Params, Specs, is_none, per_leaf
+from admmprune.core.groups import channel_groups
 from admmprune.core.sparsity import (
     CHANNEL_SPECS,
     Block,
@@ -37,45 +38,16 @@ from admmprune.core.sparsity import (
     NofM,
     Spec,
     Unstructured,
-    is_spec,
 )
 
-# --- groups: one place that knows how each spec splits a tensor -------------
-
-
-def _channel_layout(shape: Sequence[int], spec: Any) -> tuple[int, int, int]:
-    """``(axis, repeat, C)``: ``C`` counts all channels of the axis, also
-    those outside the spec's ``offset``/``size`` slice."""
-    axis = spec.axis % len(shape)
-    return axis, spec.repeat, shape[axis] // spec.repeat
-
-
-def _channel_slice(spec: Any, channels: int) -> slice:
-    return slice(spec.offset, channels if spec.size is None else spec.offset + spec.size)
-
-
-def _is_sliced(spec: Any) -> bool:
-    return isinstance(spec, CHANNEL_SPECS) and (spec.offset != 0 or spec.size is not None)
-
-
-def _block_sizes(shape: Sequence[int], spec: Block) -> list[int]:
-    lead = len(shape) - len(spec.shape)
-    return [1] * lead + [min(b, n) for b, n in zip(spec.shape, shape[lead:])]
+# --- groups: each spec knows how it splits a tensor (admmprune.core.sparsity) ------
 
 
 def num_groups(shape: Sequence[int], spec: Spec) -> int:
     """The number of groups ``spec`` splits a tensor of ``shape`` into."""
-    shape = tuple(shape)
-    if isinstance(spec, Unstructured):
-        return math.prod(shape)
-    if isinstance(spec, CHANNEL_SPECS):
-        channels = _channel_layout(shape, spec)[2]
-        return len(range(channels)[_channel_slice(spec, channels)])
-    if isinstance(spec, Column):
-        return math.prod(shape[:-1])
-    if isinstance(spec, Block):
-        return math.prod(-(-n // b) for n, b in zip(shape, _block_sizes(shape, spec)))
-    raise TypeError(f"{spec!r} has no groups")
+    if isinstance(spec, (NofM, Coupled)):
+        raise TypeError(f"{spec!r} has no groups")
+    return spec.num_groups(tuple(shape))
 
 
 def to_groups(x: jax.Array, spec: Spec) -> jax.Array:
@@ -88,13 +60,13 @@ def to_groups(x: jax.Array, spec: Spec) -> jax.Array:
     if isinstance(spec, Unstructured):
         return x.reshape(-1, 1)
     if isinstance(spec, CHANNEL_SPECS):
-        axis, repeat, channels = _channel_layout(shape, spec)
+        axis, repeat, channels = spec.channel_layout(shape)
         y = jnp.moveaxis(x, axis, 0).reshape(repeat, channels, -1)
-        return y.transpose(1, 0, 2).reshape(channels, -1)[_channel_slice(spec, channels)]
+        return y.transpose(1, 0, 2).reshape(channels, -1)[spec.channel_slice(channels)]
     if isinstance(spec, Column):
         return x.reshape(-1, shape[-1])
     if isinstance(spec, Block):
-        sizes = _block_sizes(shape, spec)
+        sizes = spec.block_sizes(shape)
         padded = [-(-n // b) * b for n, b in zip(shape, sizes)]
         y = jnp.pad(x, [(0, p - n) for p, n in zip(padded, shape)])
         split = [d for p, b in zip(padded, sizes) for d in (p // b, b)]
@@ -115,15 +87,15 @@ def from_groups(g: jax.Array, spec: Spec, shape: Sequence[int]) -> jax.Array:
     if isinstance(spec, (Unstructured, Column)):
         return g.reshape(shape)
     if isinstance(spec, CHANNEL_SPECS):
-        axis, repeat, channels = _channel_layout(shape, spec)
-        if _is_sliced(spec):
-            sl = _channel_slice(spec, channels)
+        axis, repeat, channels = spec.channel_layout(shape)
+        if spec.sliced:
+            sl = spec.channel_slice(channels)
             g = jnp.pad(g, [(sl.start, channels - sl.stop)] + [(0, 0)] * (g.ndim - 1))
         moved = (shape[axis],) + shape[:axis] + shape[axis + 1 :]
         y = g.reshape(channels, repeat, -1).transpose(1, 0, 2).reshape(moved)
         return jnp.moveaxis(y, 0, axis)
     if isinstance(spec, Block):
-        sizes = _block_sizes(shape, spec)
+        sizes = spec.block_sizes(shape)
         counts = [-(-n // b) for n, b in zip(shape, sizes)]
         nd = len(shape)
         y = g.reshape(counts + sizes)
@@ -145,13 +117,13 @@ def expand_groups(keep: jax.Array, spec: Spec, shape: Sequence[int]) -> jax.Arra
     Entries outside a channel spec's ``offset``/``size`` slice are ``True``:
     the spec does not constrain them.
     """
-    if _is_sliced(spec):
-        channels = _channel_layout(tuple(shape), spec)[2]
-        sl = _channel_slice(spec, channels)
+    if isinstance(spec, CHANNEL_SPECS) and spec.sliced:
+        channels = spec.channel_layout(tuple(shape))[2]
+        sl = spec.channel_slice(channels)
         keep = jnp.pad(keep, (sl.start, channels - sl.stop), constant_values=True)
         spec = type(spec)(axis=spec.axis, group=spec.group, repeat=spec.repeat)
     if isinstance(spec, Block):
-        group_size = math.prod(_block_sizes(tuple(shape), spec))
+        group_size = math.prod(spec.block_sizes(tuple(shape)))
     else:
         group_size = math.prod(shape) // keep.shape[0]
     full = jnp.broadcast_to(keep[:, None], (keep.shape[0], group_size))
@@ -274,28 +246,13 @@ def project(
 # --- whole pytrees, with coupled channel groups ------------------------------
 
 
-def _broadcast_scalars(value: Any, treedef: Any, n: int) -> list[Any]:
-    """A scalar for every leaf: ``value`` itself, or its leaves if it is a tree."""
-    if jax.tree_util.treedef_is_leaf(jax.tree.structure(value)):
-        return [value] * n
-    return treedef.flatten_up_to(value)
-
-
-def _memberships(spec: Any) -> list[Any]:
-    if isinstance(spec, Coupled):
-        return list(spec.specs)
-    if isinstance(spec, CHANNEL_SPECS) and spec.group is not None:
-        return [spec]
-    return []
-
-
 def coupled_groups(specs: Specs) -> dict[str, list[tuple[int, Spec]]]:
-    """Maps each ``group`` name in a spec tree to ``(flat leaf index, spec)`` pairs."""
-    groups: dict[str, list[tuple[int, Spec]]] = {}
-    for i, spec in enumerate(jax.tree.leaves(specs, is_leaf=is_spec)):
-        for member in _memberships(spec):
-            groups.setdefault(member.group, []).append((i, member))
-    return groups
+    """Maps each ``group`` name in a spec tree to ``(flat leaf index, spec)`` pairs.
+
+    A plain view of :func:`admmprune.core.groups.channel_groups`, which the
+    library itself uses.
+    """
+    return {g.name: [(m.leaf, m.spec) for m in g.members] for g in channel_groups(specs)}
 
 
 def project_tree(
@@ -332,33 +289,27 @@ def project_tree(
     Raises:
       ValueError: if a group's members disagree on their number of channels.
     """
-    flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-    leaves = treedef.flatten_up_to(tree)
-    ratios = _broadcast_scalars(keep_ratio, treedef, len(leaves))
-    supports = [None] * len(leaves) if support is None else treedef.flatten_up_to(support)
+    groups = channel_groups(specs, tree)
+    leaves = groups.flatten(tree)
+    ratios = per_leaf(keep_ratio, groups.treedef, len(leaves))
+    supports = [None] * len(leaves) if support is None else groups.flatten(support)
     masks: list[Any] = [None] * len(leaves)
 
-    for name, members in coupled_groups(specs).items():
-        channels = {num_groups(leaves[i].shape, spec) for i, spec in members}
-        if len(channels) != 1:
-            raise ValueError(f"group {name!r}: members disagree on the channel count {sorted(channels)}")
-        scores = sum(group_scores(leaves[i], spec) for i, spec in members)
+    for group in groups:
+        scores = sum(group_scores(leaves[m.leaf], m.spec) for m in group.members)
         alive = None
         if support is not None:
-            alive = jnp.all(jnp.stack([groups_alive(supports[i], spec) for i, spec in members]), axis=0)
-        keep = top_k_groups(scores, num_kept(channels.pop(), ratios[members[0][0]], round_to), alive)
-        for i, spec in members:
-            m = expand_groups(keep, spec, leaves[i].shape)
-            masks[i] = m if masks[i] is None else masks[i] & m
+            alive = jnp.all(jnp.stack([groups_alive(supports[m.leaf], m.spec) for m in group.members]), axis=0)
+        keep = top_k_groups(scores, num_kept(group.channels, ratios[group.members[0].leaf], round_to), alive)
+        for m in group.members:
+            mask = expand_groups(keep, m.spec, leaves[m.leaf].shape)
+            masks[m.leaf] = mask if masks[m.leaf] is None else masks[m.leaf] & mask
 
-    for i, spec in enumerate(flat_specs):
-        if spec is not None and not _memberships(spec):
-            masks[i] = projection_mask(leaves[i], spec, ratios[i], support=supports[i])
+    for i in groups.outside():
+        masks[i] = projection_mask(leaves[i], groups.specs[i], ratios[i], support=supports[i])
 
-    out = [
-        x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)) for x, m in zip(leaves, masks)
-    ]
-    return treedef.unflatten(out), treedef.unflatten(masks)
+    out = [x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)) for x, m in zip(leaves, masks, strict=True)]
+    return groups.unflatten(out), groups.unflatten(masks)
 
 
 def apply_masks(tree: Params, masks: Masks) -> Params:

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from admmprune._types import Params, Specs
-from admmprune.structure.gates import norm_scales
-from admmprune.core.projections import _memberships, coupled_groups, expand_groups, from_groups, to_groups
+from admmprune.core.groups import channel_groups
+from admmprune.core.projections import expand_groups, from_groups, to_groups
 from admmprune.core.sparsity import NofM, is_spec
 
 
@@ -48,10 +48,9 @@ def _families(specs: Specs) -> list[list[tuple[int, Any]]]:
     A coupled group is one family whose channel ``c`` spans all its members;
     every other spec'd leaf (but ``NofM``) is a family of one member.
     """
-    families = [members for members in coupled_groups(specs).values()]
-    for i, spec in enumerate(jax.tree.leaves(specs, is_leaf=is_spec)):
-        if spec is not None and not isinstance(spec, NofM) and not _memberships(spec):
-            families.append([(i, spec)])
+    groups = channel_groups(specs)
+    families = [[(m.leaf, m.spec) for m in g.members] for g in groups]
+    families += [[(i, groups.specs[i])] for i in groups.outside() if not isinstance(groups.specs[i], NofM)]
     return families
 
 
@@ -234,7 +233,7 @@ def bn_l1(specs: Specs, strength: float | jax.Array) -> optax.GradientTransforma
       Liu et al., "Learning Efficient Convolutional Networks through Network
       Slimming", ICCV 2017.
     """
-    scales = [(i, m) for members in norm_scales(specs).values() for i, m in members]
+    scales = [(m.leaf, m.spec) for g in channel_groups(specs) for m in g.norm_scales]
     if not scales:
         raise ValueError(
             "bn_l1: no channel group has a normalization scale (a `scale` leaf in a group); "

@@ -23,6 +23,7 @@ pruned".
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -37,9 +38,45 @@ from admmprune._types import Params, Specs, is_none, path_str
 class Unstructured:
     """Every weight is its own group: keep the ``k`` largest magnitudes."""
 
+    def num_groups(self, shape: Sequence[int]) -> int:
+        """The number of groups this spec splits a tensor of ``shape`` into."""
+        return math.prod(shape)
+
+
+class _ChannelGeometry:
+    """The geometry that :class:`Filter` and :class:`Channel` share: which
+    entries of a tensor each channel owns. Every module that needs it asks the
+    spec, so that it is written once."""
+
+    axis: int
+    repeat: int
+    offset: int
+    size: int | None
+
+    def channel_layout(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """``(axis, repeat, C)`` for a tensor of ``shape``: the channel axis
+        (non-negative), the repeat, and ``C``, all channels of the axis (also
+        those outside the ``offset``/``size`` slice)."""
+        axis = self.axis % len(shape)
+        return axis, self.repeat, shape[axis] // self.repeat
+
+    def channel_slice(self, channels: int) -> slice:
+        """The channels this spec covers, of the axis's ``channels``."""
+        return slice(self.offset, channels if self.size is None else self.offset + self.size)
+
+    @property
+    def sliced(self) -> bool:
+        """Whether the spec covers only part of the axis's channels."""
+        return self.offset != 0 or self.size is not None
+
+    def num_groups(self, shape: Sequence[int]) -> int:
+        """The number of channels the spec covers on a tensor of ``shape``."""
+        channels = self.channel_layout(shape)[2]
+        return len(range(channels)[self.channel_slice(channels)])
+
 
 @dataclasses.dataclass(frozen=True)
-class Filter:
+class Filter(_ChannelGeometry):
     """Output channels: a group is one slice along ``axis`` (default: last).
 
     Args:
@@ -71,7 +108,7 @@ class Filter:
 
 
 @dataclasses.dataclass(frozen=True)
-class Channel:
+class Channel(_ChannelGeometry):
     """Input channels: a group is one slice along ``axis`` (default: ``-2``).
 
     Takes the same arguments as :class:`Filter`; only the default axis
@@ -94,6 +131,10 @@ class Column:
     For a kernel of shape ``(*window, in, out)`` there are ``prod(window) * in``
     groups; for a dense kernel this equals :class:`Channel`.
     """
+
+    def num_groups(self, shape: Sequence[int]) -> int:
+        """The number of groups this spec splits a tensor of ``shape`` into."""
+        return math.prod(shape[:-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +160,15 @@ class Block:
     """
 
     shape: tuple[int, ...]
+
+    def block_sizes(self, shape: Sequence[int]) -> list[int]:
+        """The block's size on every axis of ``shape`` (1 on the leading axes)."""
+        lead = len(shape) - len(self.shape)
+        return [1] * lead + [min(b, n) for b, n in zip(self.shape, shape[lead:], strict=True)]
+
+    def num_groups(self, shape: Sequence[int]) -> int:
+        """The number of blocks (edge blocks included) of a tensor of ``shape``."""
+        return math.prod(-(-n // b) for n, b in zip(shape, self.block_sizes(shape), strict=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,8 +251,8 @@ def validate(spec: Spec | None, shape: tuple[int, ...], path: str = "") -> None:
         axis = _check_axis(spec.axis, len(shape), where)
         if spec.repeat < 1 or shape[axis] % spec.repeat:
             raise ValueError(f"{where}: repeat={spec.repeat} does not divide axis size {shape[axis]}")
-        channels = shape[axis] // spec.repeat
-        stop = channels if spec.size is None else spec.offset + spec.size
+        channels = spec.channel_layout(shape)[2]
+        stop = spec.channel_slice(channels).stop
         if spec.offset < 0 or (spec.size is not None and spec.size < 1) or stop > channels or stop <= spec.offset:
             raise ValueError(
                 f"{where}: channels [{spec.offset}, {stop}) are not a non-empty slice of the {channels} channels"
@@ -253,8 +303,6 @@ def resolve(params: Params, rules: Sequence[Rule] = DEFAULT_RULES) -> Specs:
 
 def format_plan(params: Params, specs: Specs) -> str:
     """A table of every parameter, its shape and its spec, for logging once."""
-    from admmprune.core.projections import num_groups  # projections imports this module
-
     rows = [("parameter", "shape", "spec", "groups")]
     flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     flat_params = treedef.flatten_up_to(params)
@@ -264,9 +312,9 @@ def format_plan(params: Params, specs: Specs) -> str:
         if spec is None or isinstance(spec, NofM):
             groups = "-"
         elif isinstance(spec, Coupled):
-            groups = "x".join(str(num_groups(shape, m)) for m in spec.specs)
+            groups = "x".join(str(m.num_groups(shape)) for m in spec.specs)
         else:
-            groups = str(num_groups(shape, spec))
+            groups = str(spec.num_groups(shape))
         rows.append((name, "x".join(map(str, shape)) or "()", "not pruned" if spec is None else repr(spec), groups))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

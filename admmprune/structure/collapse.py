@@ -72,22 +72,14 @@ from admmprune import models
 from admmprune._errors import UserError
 from admmprune._types import Masks, Specs, path_str
 from admmprune.structure.discovery import Discovery
-from admmprune.core.projections import coupled_groups
-from admmprune.core.sparsity import CHANNEL_SPECS, Channel, Coupled, is_spec
+from admmprune.core.groups import channel_groups, memberships
+from admmprune.core.sparsity import is_spec
 
 #: Module attributes that say train or eval mode; copied onto the collapsed model.
 _MODE_FLAGS = ("use_running_average", "deterministic")
 
 
 # --- which channels each group keeps ---------------------------------------------
-
-
-def _members(spec: Any) -> tuple[Any, ...]:
-    if isinstance(spec, Coupled):
-        return spec.specs
-    if isinstance(spec, CHANNEL_SPECS) and spec.group is not None:
-        return (spec,)
-    return ()
 
 
 def _split_specs(specs: Specs | Discovery, state_specs: Specs | None) -> tuple[Specs, Specs | None]:
@@ -114,45 +106,7 @@ def alive_channels(specs: Specs | Discovery, masks: Masks) -> dict[str, np.ndarr
       A numpy boolean vector per group, on the host.
     """
     specs, _ = _split_specs(specs, None)
-    _, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-    flat_masks = treedef.flatten_up_to(masks)
-    out: dict[str, np.ndarray] = {}
-    flat_specs = jax.tree.leaves(specs, is_leaf=is_spec)
-    for name, members in coupled_groups(specs).items():
-        for i, spec in members:
-            if flat_masks[i] is None or _abstains(flat_masks[i], flat_specs[i]):
-                continue
-            a = _alive(np.asarray(flat_masks[i]), spec)
-            out[name] = a if name not in out else out[name] & a
-    return out
-
-
-def _abstains(mask: Any, spec: Any) -> bool:
-    """A leaf in several groups whose mask is all ``False`` says nothing about any one of them.
-
-    The next conv of a fully pruned residual branch (input channels: the
-    branch's group, all removed; output channels: the residual stream's group)
-    is entirely zero; that must not remove the stream's channels.
-    """
-    return len(_members(spec)) > 1 and not np.any(np.asarray(mask))
-
-
-def _alive(mask: np.ndarray, spec: Any) -> np.ndarray:
-    """Numpy :func:`admmprune.core.projections.groups_alive` for a channel member (host code)."""
-    axis = spec.axis % mask.ndim
-    channels = mask.shape[axis] // spec.repeat
-    per_channel = np.moveaxis(mask, axis, 0).reshape(spec.repeat, channels, -1).any(axis=(0, 2))
-    return per_channel[spec.offset : channels if spec.size is None else spec.offset + spec.size]
-
-
-def _expand(keep: np.ndarray, spec: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """The elementwise mask of one channel member (``True`` outside its slice)."""
-    axis = spec.axis % len(shape)
-    channels = shape[axis] // spec.repeat
-    full = np.ones(channels, bool)
-    full[spec.offset : channels if spec.size is None else spec.offset + spec.size] = keep
-    line = np.tile(full, spec.repeat).reshape([-1 if i == axis else 1 for i in range(len(shape))])
-    return np.broadcast_to(line, shape)
+    return channel_groups(specs).alive(masks)
 
 
 def consistent_masks(specs: Specs | Discovery, masks: Masks) -> Masks:
@@ -164,18 +118,15 @@ def consistent_masks(specs: Specs | Discovery, masks: Masks) -> Masks:
     come back unchanged (as numpy arrays).
     """
     specs, _ = _split_specs(specs, None)
-    alive = alive_channels(specs, masks)
-    flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-    flat_masks = treedef.flatten_up_to(masks)
-    out = []
-    for spec, m in zip(flat_specs, flat_masks, strict=True):
-        if m is not None:
-            m = np.asarray(m)
-            for member in _members(spec):
-                if member.group in alive:
-                    m = m & _expand(alive[member.group], member, m.shape)
-        out.append(m)
-    return treedef.unflatten(out)
+    groups = channel_groups(specs)
+    alive = groups.alive(masks)
+    out = [None if m is None else np.asarray(m) for m in groups.flatten(masks)]
+    for g in groups:
+        if g.name in alive:
+            for member in g.members:
+                if out[member.leaf] is not None:
+                    out[member.leaf] = out[member.leaf] & member.expand(alive[g.name], out[member.leaf].shape)
+    return groups.unflatten(out)
 
 
 def _where(mask: Any, x: Any) -> jax.Array:
@@ -237,7 +188,7 @@ def _kept_index(n: int, members: Sequence[Any], kept: Mapping[str, np.ndarray], 
     for m in members:
         if m.group not in kept:
             continue
-        stop = channels if m.size is None else m.offset + m.size
+        stop = m.channel_slice(channels).stop
         if len(kept[m.group]) != stop - m.offset:
             raise ValueError(
                 f"{where}: group {m.group!r} has {len(kept[m.group])} channels, the spec covers {stop - m.offset}"
@@ -284,7 +235,7 @@ def slice_channels(tree: Any, specs: Specs | None, kept: Mapping[str, np.ndarray
     leaves = treedef.flatten_up_to(tree)
     out = []
     for (path, spec), x in zip(flat, leaves, strict=True):
-        members = _members(spec)
+        members = memberships(spec)
         if members:
             x = np.asarray(x)
             shape = x.shape
@@ -369,7 +320,7 @@ def removable_groups(model: Any, specs: Specs, params: Any) -> set[str]:
         p = path_str(path)
         layer = p.rsplit("/", 1)[0]
         if p.endswith("/kernel") and layer in layers:
-            for m in _members(spec):
+            for m in memberships(spec):
                 if m.axis % np.ndim(x) == np.ndim(x) - 1:  # the kernel's outputs
                     layer_groups.setdefault(m.group, set()).add(layer)
     return {g for g, ls in layer_groups.items() if ls <= removable}
@@ -379,12 +330,12 @@ def _unread_groups(params: Any, specs: Specs, groups: set[str], kept: Mapping[st
     """Groups in ``groups`` that still keep channels but whose every reader (``Channel`` member) is empty."""
     leaves = jax.tree.leaves(params)
     out = []
-    for name, members in coupled_groups(specs).items():
-        if name not in groups or name not in kept or not kept[name].any():
+    for g in channel_groups(specs):
+        if g.name not in groups or g.name not in kept or not kept[g.name].any():
             continue
-        readers = [i for i, m in members if isinstance(m, Channel)]
+        readers = [m.leaf for m in g.consumers]
         if readers and all(np.size(leaves[i]) == 0 for i in readers):
-            out.append(name)
+            out.append(g.name)
     return out
 
 

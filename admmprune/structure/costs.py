@@ -43,7 +43,7 @@ from flax import nnx
 
 from admmprune._types import Specs, path_str
 from admmprune.structure.measure import _as_function
-from admmprune.core.projections import _channel_layout, _memberships
+from admmprune.core.groups import memberships
 from admmprune.core.sparsity import is_spec
 
 __all__ = ["gated_macs", "layer_macs"]
@@ -191,7 +191,7 @@ def _axis_plan(specs: Specs) -> dict[str, list[list[Any]]]:
     plan = {}
     for p, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]:
         axes: dict[int, list[Any]] = {}
-        for m in _memberships(spec):
+        for m in memberships(spec):
             axes.setdefault(m.axis, []).append(m)
         if axes:
             plan[path_str(p)] = [axes[a] for a in sorted(axes)]
@@ -207,7 +207,7 @@ def _axis_channels(members: list[Any], keep: Mapping[str, jax.Array], path: str,
         raise ValueError(
             f"{path}: its channel specs cover only part of the axis; pass params= so that its length is known"
         )
-    return _channel_layout(tuple(np.shape(shapes[path])), members[0])[2]
+    return members[0].channel_layout(tuple(np.shape(shapes[path])))[2]
 
 
 def gated_macs(

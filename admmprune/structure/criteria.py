@@ -1,7 +1,7 @@
 r"""Channel-importance criteria for structured pruning, and selection by them (L2).
 
 A *group* is a set of channels removed together: the specs that share a
-``group`` name (:func:`admmprune.core.projections.coupled_groups`), channel ``c``
+``group`` name (:func:`admmprune.core.groups.channel_groups`), channel ``c``
 spanning every member (the producing kernels' filters, their biases and
 normalization parameters, and the consuming kernels' input rows). A channel
 spec without a ``group`` name (what :data:`admmprune.core.sparsity.DEFAULT_RULES`
@@ -69,7 +69,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -79,80 +78,44 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from admmprune._types import Masks, Params, Specs, path_str
+from admmprune._types import Masks, Params, Specs
+from admmprune.core import groups as groups_lib
+from admmprune.core.groups import ChannelGroup, ChannelGroups
 from admmprune.core.projections import (
-    coupled_groups,
     expand_groups,
     group_scores,
-    num_groups,
     num_kept,
     projection_mask,
     to_groups,
     top_k_groups,
 )
-from admmprune.core.sparsity import CHANNEL_SPECS, Filter, Spec, is_spec
+from admmprune.core.sparsity import Filter, Spec
 
 #: Every criterion :func:`scores` knows, in the order reports list them.
 CRITERIA = ("l1", "l2", "fpgm", "bn_scale", "taylor", "lamp", "random")
 SCOPES = ("layer", "global")
 
 
-@dataclasses.dataclass(frozen=True)
-class _Plan:
-    """What a spec tree says, hashable so that it is static under ``jit``: every
-    leaf's spec, path and shape, and each group's members and channel count."""
-
-    specs: tuple[Any, ...]
-    paths: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    groups: tuple[tuple[str, tuple[tuple[int, Spec], ...]], ...]
-    channels: tuple[int, ...]
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(name for name, _ in self.groups)
-
-    @property
-    def held(self) -> frozenset[int]:
-        """The leaves some group holds."""
-        return frozenset(i for _, members in self.groups for i, _ in members)
-
-    def used(self, leaves: Sequence[Any]) -> list[Any]:
-        """``leaves`` with ``None`` where no group holds the leaf (not passed to ``jit``)."""
-        held = self.held
-        return [x if i in held else None for i, x in enumerate(leaves)]
-
-    def others(self, leaves: Sequence[Any]) -> list[Any]:
-        """``leaves`` with ``None`` but where a spec is outside every group."""
-        held = self.held
-        return [x if s is not None and i not in held else None for i, (x, s) in enumerate(zip(leaves, self.specs))]
+def _groups(params: Params, specs: Specs) -> tuple[ChannelGroups, list[Any]]:
+    """The groups the criteria score (lone channel specs included) and the leaves of ``params``."""
+    groups = groups_lib.channel_groups(specs, params, lone=True)
+    return groups, groups.flatten(params)
 
 
-def _plan(params: Params, specs: Specs) -> tuple[_Plan, list[Any], Any]:
-    """``(plan, leaves of params, treedef of specs)``."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
-    leaves = treedef.flatten_up_to(params)
-    paths = tuple(path_str(p) for p, _ in flat)
-    groups = coupled_groups(specs)
-    for i, (_, spec) in enumerate(flat):
-        if isinstance(spec, CHANNEL_SPECS) and spec.group is None:
-            if paths[i] in groups:
-                raise ValueError(f"parameter {paths[i]!r} has the name of a group; rename the group")
-            groups[paths[i]] = [(i, spec)]
-    channels = []
-    for name, members in groups.items():
-        counts = {num_groups(np.shape(leaves[i]), spec) for i, spec in members}
-        if len(counts) != 1:
-            raise ValueError(f"group {name!r}: members disagree on the channel count {sorted(counts)}")
-        channels.append(counts.pop())
-    plan = _Plan(
-        specs=tuple(spec for _, spec in flat),
-        paths=paths,
-        shapes=tuple(tuple(np.shape(x)) for x in leaves),
-        groups=tuple((name, tuple(members)) for name, members in groups.items()),
-        channels=tuple(channels),
-    )
-    return plan, leaves, treedef
+def _used(groups: ChannelGroups, leaves: Sequence[Any]) -> list[Any]:
+    """``leaves`` with ``None`` where no group holds the leaf (not passed to ``jit``)."""
+    held = groups.held
+    return [x if i in held else None for i, x in enumerate(leaves)]
+
+
+def _others(groups: ChannelGroups, leaves: Sequence[Any]) -> list[Any]:
+    """``leaves`` with ``None`` but where a spec is outside every group."""
+    outside = set(groups.outside())
+    return [x if i in outside else None for i, x in enumerate(leaves)]
+
+
+def _members(group: ChannelGroup) -> list[tuple[int, Spec]]:
+    return [(m.leaf, m.spec) for m in group.members]
 
 
 def channel_groups(params: Params, specs: Specs) -> dict[str, tuple[int, tuple[str, ...]]]:
@@ -161,10 +124,7 @@ def channel_groups(params: Params, specs: Specs) -> dict[str, tuple[int, tuple[s
     Raises:
       ValueError: if a group's members disagree on their number of channels.
     """
-    plan = _plan(params, specs)[0]
-    return {
-        name: (c, tuple(plan.paths[i] for i, _ in members)) for (name, members), c in zip(plan.groups, plan.channels)
-    }
+    return {g.name: (g.channels, tuple(m.path for m in g.members)) for g in _groups(params, specs)[0]}
 
 
 # --- the criteria, one group at a time ------------------------------------------
@@ -216,11 +176,12 @@ def _taylor(leaves, members, grads: list[list[Any]]) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _scores_jit(plan: _Plan, criterion: str, leaves, grads, key) -> list[jax.Array]:
+def _scores_jit(groups: ChannelGroups, criterion: str, leaves, grads, key) -> list[jax.Array]:
     """One program for all groups: eager, each small op would dispatch (and
     compile for its shapes) on its own, seconds for a ResNet."""
     out = []
-    for g, ((_, members), channels) in enumerate(zip(plan.groups, plan.channels)):
+    for g, group in enumerate(groups):
+        members, channels = _members(group), group.channels
         if criterion == "l1":
             s = _l1(leaves, members)
         elif criterion == "l2":
@@ -230,7 +191,7 @@ def _scores_jit(plan: _Plan, criterion: str, leaves, grads, key) -> list[jax.Arr
         elif criterion == "fpgm":
             s = _fpgm(leaves, members)
         elif criterion == "bn_scale":
-            s = _bn_scale(leaves, members, plan.paths)
+            s = _bn_scale(leaves, members, groups.paths)
         elif criterion == "taylor":
             s = _taylor(leaves, members, grads)
         else:
@@ -260,13 +221,13 @@ def lamp_scores(squared: ArrayLike) -> jax.Array:
     return jnp.zeros_like(s).at[order].set(lamp)
 
 
-def _flat_grads(plan: _Plan, treedef: Any, params: Params, grads: Any) -> list[list[Any]]:
+def _flat_grads(groups: ChannelGroups, params: Params, grads: Any) -> list[list[Any]]:
     """``grads`` (a sequence of trees, or one tree stacked on a leading axis) as lists of leaves."""
     if grads is None:
         raise ValueError("the taylor criterion needs grads: a list of gradient trees, one per batch")
     if jax.tree.structure(grads) == jax.tree.structure(params):
-        stacked = plan.used(treedef.flatten_up_to(grads))
-        pairs = [(np.shape(g), shape) for g, shape in zip(stacked, plan.shapes) if g is not None]
+        stacked = _used(groups, groups.flatten(grads))
+        pairs = [(np.shape(g), shape) for g, shape in zip(stacked, groups.shapes, strict=True) if g is not None]
         n = {g[0] for g, shape in pairs if g[1:] == shape}
         if len(n) != 1 or any(g[1:] != shape for g, shape in pairs):
             raise ValueError("stacked grads need one leading batch axis on every leaf")
@@ -276,10 +237,10 @@ def _flat_grads(plan: _Plan, treedef: Any, params: Params, grads: Any) -> list[l
     out = []
     for g in grads:
         try:
-            leaves = plan.used(treedef.flatten_up_to(g))
+            leaves = _used(groups, groups.flatten(g))
         except (ValueError, TypeError):
             leaves = None
-        if leaves is None or any(a is not None and np.shape(a) != x for a, x in zip(leaves, plan.shapes)):
+        if leaves is None or any(a is not None and np.shape(a) != x for a, x in zip(leaves, groups.shapes, strict=True)):
             raise ValueError("every gradient tree in grads must have the shapes of params")
         out.append(leaves)
     return out
@@ -317,10 +278,10 @@ def scores(
         raise ValueError(f"unknown criterion {criterion!r}; choose from {', '.join(CRITERIA)}")
     if criterion == "random" and key is None:
         raise ValueError("the random criterion needs a jax.random key: scores(..., key=jax.random.key(0))")
-    plan, leaves, treedef = _plan(params, specs)
-    flat_grads = _flat_grads(plan, treedef, params, grads) if criterion == "taylor" else None
-    out = _scores_jit(plan, criterion, plan.used(leaves), flat_grads, key if criterion == "random" else None)
-    return dict(zip(plan.names, out))
+    groups, leaves = _groups(params, specs)
+    flat_grads = _flat_grads(groups, params, grads) if criterion == "taylor" else None
+    out = _scores_jit(groups, criterion, _used(groups, leaves), flat_grads, key if criterion == "random" else None)
+    return dict(zip(groups.names, out, strict=True))
 
 
 def unavailable(group_scores: Mapping[str, ArrayLike]) -> tuple[str, ...]:
@@ -334,13 +295,13 @@ def unavailable(group_scores: Mapping[str, ArrayLike]) -> tuple[str, ...]:
 # --- selection ------------------------------------------------------------------
 
 
-def _check_scores(group_scores: Mapping[str, Any], plan: _Plan) -> list[Any]:
+def _check_scores(group_scores: Mapping[str, Any], groups: ChannelGroups) -> list[Any]:
     """The scores in group order, after checking they fit the groups."""
-    missing = [g for g in plan.names if g not in group_scores]
-    unknown = [g for g in group_scores if g not in plan.names]
+    missing = [g for g in groups.names if g not in group_scores]
+    unknown = [g for g in group_scores if g not in groups.names]
     if missing or unknown:
         raise ValueError(f"scores do not match the spec tree's groups: missing {missing}, unknown {unknown}")
-    for name, c in zip(plan.names, plan.channels):
+    for name, c in ((g.name, g.channels) for g in groups):
         s = group_scores[name]
         if np.shape(s) != (c,):
             raise ValueError(f"group {name!r} has {c} channels, its scores shape {np.shape(s)}")
@@ -349,7 +310,7 @@ def _check_scores(group_scores: Mapping[str, Any], plan: _Plan) -> list[Any]:
                 f"group {name!r} has NaN scores: the criterion does not apply to it (bn_scale needs a "
                 "normalization scale in the group, fpgm a producing kernel); choose another criterion"
             )
-    return [group_scores[name] for name in plan.names]
+    return [group_scores[name] for name in groups.names]
 
 
 def _global_keep(s: list[jax.Array], keep_ratio: ArrayLike) -> list[jax.Array]:
@@ -363,19 +324,19 @@ def _global_keep(s: list[jax.Array], keep_ratio: ArrayLike) -> list[jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _select_jit(plan: _Plan, scope: str, round_to: int, s: list[jax.Array], leaves, keep_ratio) -> list[Any]:
+def _select_jit(groups: ChannelGroups, scope: str, round_to: int, s: list[jax.Array], leaves, keep_ratio) -> list[Any]:
     if scope == "global":
         keeps = _global_keep(s, keep_ratio)
         if round_to > 1:
             keeps = [top_k_groups(x, num_kept(x.shape[0], jnp.sum(k) / k.shape[0], round_to)) for x, k in zip(s, keeps)]
     else:
         keeps = [top_k_groups(x, num_kept(x.shape[0], keep_ratio, round_to)) for x in s]
-    masks: list[Any] = [None] * len(plan.specs)
-    for (_, members), keep in zip(plan.groups, keeps):
-        for i, spec in members:
-            m = expand_groups(keep, spec, plan.shapes[i])
-            masks[i] = m if masks[i] is None else masks[i] & m
-    for i, spec in enumerate(plan.specs):
+    masks: list[Any] = [None] * len(groups.specs)
+    for group, keep in zip(groups, keeps, strict=True):
+        for m in group.members:
+            mask = expand_groups(keep, m.spec, groups.shapes[m.leaf])
+            masks[m.leaf] = mask if masks[m.leaf] is None else masks[m.leaf] & mask
+    for i, spec in enumerate(groups.specs):
         if leaves[i] is not None:
             masks[i] = projection_mask(jnp.asarray(leaves[i]), spec, keep_ratio)
     return masks
@@ -430,9 +391,9 @@ def select(
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
-    plan, leaves, treedef = _plan(params, specs)
-    s = _check_scores(group_scores, plan)
-    return treedef.unflatten(_select_jit(plan, scope, round_to, s, plan.others(leaves), keep_ratio))
+    groups, leaves = _groups(params, specs)
+    s = _check_scores(group_scores, groups)
+    return groups.unflatten(_select_jit(groups, scope, round_to, s, _others(groups, leaves), keep_ratio))
 
 
 __all__ = ["CRITERIA", "SCOPES", "channel_groups", "lamp_scores", "scores", "select", "unavailable"]

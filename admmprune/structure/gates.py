@@ -53,42 +53,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from admmprune._types import Masks, Params, Specs, path_str
-from admmprune.core.projections import _memberships, coupled_groups, expand_groups, num_groups
+from admmprune._types import Masks, Params, Specs
+from admmprune.core.groups import NORM_SCALE, channel_groups, memberships
+from admmprune.core.projections import expand_groups
 from admmprune.core.sparsity import Filter, is_spec
 
 #: Gates, logits or keep values: ``{group name: (C,) array}``.
 Gates = Mapping[str, jax.Array]
 
-_NORM_SCALE, _BIAS = "scale", "bias"
-
-
-def _spec_paths(specs: Specs) -> list[str]:
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]]
-
-
-def _parent(path: str) -> str:
-    return path.rpartition("/")[0]
-
-
-def _leaf_name(path: str) -> str:
-    return path.rpartition("/")[2]
+_BIAS = "bias"
 
 
 def norm_scales(specs: Specs) -> dict[str, list[tuple[int, Filter]]]:
     """``{group: [(flat leaf index, Filter)]}`` of the normalization scales in each group.
 
     A normalization scale is a ``Filter`` member whose path ends in
-    ``scale`` (BatchNorm, LayerNorm, GroupNorm, RMSNorm). Groups without one
-    are left out.
+    ``scale`` (BatchNorm, LayerNorm, GroupNorm, RMSNorm); see
+    :attr:`admmprune.core.groups.ChannelGroup.norm_scales`. Groups without
+    one are left out.
     """
-    paths = _spec_paths(specs)
-    out: dict[str, list[tuple[int, Filter]]] = {}
-    for group, members in coupled_groups(specs).items():
-        scales = [(i, m) for i, m in members if isinstance(m, Filter) and _leaf_name(paths[i]) == _NORM_SCALE]
-        if scales:
-            out[group] = scales
-    return out
+    return {g.name: [(m.leaf, m.spec) for m in g.norm_scales] for g in channel_groups(specs) if g.norm_scales}
 
 
 def gate_sites(specs: Specs) -> dict[str, list[tuple[int, Filter]]]:
@@ -104,46 +88,43 @@ def gate_sites(specs: Specs) -> dict[str, list[tuple[int, Filter]]]:
         normalization without scale: gating its offset alone would not scale
         the channel).
     """
-    paths = _spec_paths(specs)
     out: dict[str, list[tuple[int, Filter]]] = {}
-    for group, members in coupled_groups(specs).items():
-        producers = [(i, m) for i, m in members if isinstance(m, Filter)]
-        by_name = {paths[i]: (i, m) for i, m in producers}
-        norms = {_parent(paths[i]) for i, m in producers if _leaf_name(paths[i]) == _NORM_SCALE}
-        # A norm's module: the module that holds both the norm and the layer it follows.
-        norm_owners = {_parent(n) for n in norms}
+    for group in channel_groups(specs):
+        producers = group.producers
+        norms = {m.module for m in group.norm_scales}
+        # A norm's owner: the module that holds both the norm and the layer it follows.
+        norm_owners = {n.rpartition("/")[0] for n in norms}
         sites = []
-        for i, m in producers:
-            name, parent = _leaf_name(paths[i]), _parent(paths[i])
-            if name == _NORM_SCALE:
-                sites.append((i, m))
-            elif name == _BIAS:
+        for m in producers:
+            parent = m.module
+            if m.is_norm_scale:
+                sites.append((m.leaf, m.spec))
+            elif m.leaf_name == _BIAS:
                 if parent in norms:
-                    sites.append((i, m))
+                    sites.append((m.leaf, m.spec))
                     continue
                 kernel = next(
-                    (p for p in by_name if _parent(p) == parent and _leaf_name(p) not in (_BIAS, _NORM_SCALE)), None
+                    (p for p in producers if p.module == parent and p.leaf_name not in (_BIAS, NORM_SCALE)), None
                 )
                 if kernel is None:
                     raise ValueError(
-                        f"group {group!r}: {paths[i]} is neither a norm's offset next to a scale nor a layer's "
+                        f"group {group.name!r}: {m.path} is neither a norm's offset next to a scale nor a layer's "
                         "bias next to its kernel; a normalization without scale cannot be gated"
                     )
-                if _parent(parent) not in norm_owners:
-                    sites.append((i, m))
-            elif _parent(parent) not in norm_owners:
-                sites.append((i, m))
-        out[group] = sites
+                if parent.rpartition("/")[0] not in norm_owners:
+                    sites.append((m.leaf, m.spec))
+            elif parent.rpartition("/")[0] not in norm_owners:
+                sites.append((m.leaf, m.spec))
+        out[group.name] = sites
     return out
 
 
 def _channel_factor(g: jax.Array, spec: Filter, shape: tuple[int, ...]) -> jax.Array:
     """``g`` laid along ``spec``'s axis (1 outside its slice), broadcastable to ``shape``."""
-    axis = spec.axis % len(shape)
-    channels = shape[axis] // spec.repeat
-    stop = channels if spec.size is None else spec.offset + spec.size
-    v = jnp.pad(g, (spec.offset, channels - stop), constant_values=1)
-    v = jnp.tile(v, spec.repeat)
+    axis, repeat, channels = spec.channel_layout(shape)
+    sl = spec.channel_slice(channels)
+    v = jnp.pad(g, (sl.start, channels - sl.stop), constant_values=1)
+    v = jnp.tile(v, repeat)
     return v.reshape([-1 if a == axis else 1 for a in range(len(shape))])
 
 
@@ -161,20 +142,12 @@ def init(params: Params, specs: Specs, value: float = 1.0) -> dict[str, jax.Arra
 
     Returns:
       ``{group: (C,) array}`` in the order of
-      :func:`admmprune.core.projections.coupled_groups`.
+      :func:`admmprune.core.groups.channel_groups`.
 
     Raises:
       ValueError: if a group's members disagree on the channel count.
     """
-    _, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-    leaves = treedef.flatten_up_to(params)
-    out = {}
-    for group, members in coupled_groups(specs).items():
-        counts = {num_groups(jnp.shape(leaves[i]), m) for i, m in members}
-        if len(counts) != 1:
-            raise ValueError(f"group {group!r}: members disagree on the channel count {sorted(counts)}")
-        out[group] = jnp.full((counts.pop(),), value, jnp.float32)
-    return out
+    return {g.name: jnp.full((g.channels,), value, jnp.float32) for g in channel_groups(specs, params)}
 
 
 def apply(params: Params, gates: Gates, specs: Specs) -> Params:
@@ -239,12 +212,11 @@ def keep_masks(params: Params, specs: Specs, keep: Gates) -> Masks:
       :func:`admmprune.core.projections.apply_masks`, :func:`admmprune.keep_masked`
       and ``collapse.collapse``.
     """
-    _check_names(keep, coupled_groups(specs))
-    flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-    leaves = treedef.flatten_up_to(params)
+    groups = channel_groups(specs)
+    _check_names(keep, {g.name: g for g in groups})
     out = []
-    for x, spec in zip(leaves, flat_specs):
-        members = _memberships(spec)
+    for x, spec in zip(groups.flatten(params), groups.specs, strict=True):
+        members = memberships(spec)
         if not members:
             out.append(None)
             continue
@@ -254,7 +226,7 @@ def keep_masks(params: Params, specs: Specs, keep: Gates) -> Masks:
             if member.group in keep:
                 m = m & expand_groups(jnp.asarray(keep[member.group], jnp.bool_), member, shape)
         out.append(m)
-    return treedef.unflatten(out)
+    return groups.unflatten(out)
 
 
 # --- penalties on gates --------------------------------------------------------

@@ -17,11 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from admmprune._types import Masks, Params, Specs, path_str
-from admmprune.core.projections import coupled_groups, groups_alive, num_groups
-from admmprune.core.sparsity import Channel, Coupled, Filter, is_spec
+from admmprune.core.groups import channel_groups
+from admmprune.core.sparsity import Channel, Coupled, Filter
 
 
 def chain_specs(params: Params, chain: Sequence[tuple[str, int]]) -> Specs:
@@ -78,26 +77,12 @@ def chain_specs(params: Params, chain: Sequence[tuple[str, int]]) -> Specs:
 def group_widths(params: Params, specs: Specs, masks: Masks | None = None) -> dict[str, tuple[int, int]]:
     """``{group: (kept, total)}`` channel counts of every coupled group.
 
-    A channel is kept when every member of its group keeps some weight of it;
-    without ``masks`` every channel is kept.
+    A channel is kept when every member of its group keeps some weight of it
+    (:meth:`admmprune.core.groups.ChannelGroups.alive`, which
+    :func:`admmprune.structure.collapse.alive_channels` also is); without
+    ``masks`` every channel is kept.
     """
-    flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
-    leaves = treedef.flatten_up_to(params)
-    flat_masks = None if masks is None else treedef.flatten_up_to(masks)
-    out = {}
-    for name, members in coupled_groups(specs).items():
-        total = num_groups(leaves[members[0][0]].shape, members[0][1])
-        kept = total
-        if flat_masks is not None:
-            alive = None
-            for i, spec in members:
-                if isinstance(flat_specs[i], Coupled) and not bool(jnp.any(flat_masks[i])):
-                    continue  # a fully pruned branch's next conv: see collapse.alive_channels
-                a = groups_alive(flat_masks[i], spec)
-                alive = a if alive is None else alive & a
-            kept = total if alive is None else int(alive.sum())
-        out[name] = (kept, total)
-    return out
+    return channel_groups(specs, params).widths(masks)
 
 
 __all__ = ["chain_specs", "group_widths"]

@@ -89,10 +89,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from admmprune._types import Params, Specs, path_str
-from admmprune.core.projections import coupled_groups, num_groups
+from admmprune.core.groups import channel_groups
 from admmprune.core.sparsity import is_spec, validate
 
 # The method lives in private modules, each importing only those after it:
@@ -194,13 +195,11 @@ def _build(
             validate(spec, shapes[index[p]], p)
             specs[index[p]] = spec
     groups: dict[str, Group] = {}
-    members_of = coupled_groups(specs)
-    for name in [g for g in found.group_order if g in members_of] + sorted(set(members_of) - set(found.group_order)):
-        members = members_of[name]
-        counts = {num_groups(shapes[i], s) for i, s in members}
-        if len(counts) != 1:
-            raise ValueError(f"group {name!r}: members disagree on the channel count {sorted(counts)}")
-        groups[name] = Group(counts.pop(), tuple((paths[i], specs[i]) for i, _ in members))
+    # Built and checked (members agree on the channel count) once, by the core.
+    table = {g.name: g for g in channel_groups(specs, [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])}
+    for name in [g for g in found.group_order if g in table] + sorted(set(table) - set(found.group_order)):
+        group = table[name]
+        groups[name] = Group(group.channels, tuple((paths[m.leaf], specs[m.leaf]) for m in group.members))
     out, start = [], 0
     for leaves, treedef in flat:
         out.append(jax.tree_util.tree_unflatten(treedef, specs[start : start + len(leaves)]))
