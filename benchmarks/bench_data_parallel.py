@@ -4,7 +4,7 @@ Run by hand (never a timed test):
 
     python benchmarks/bench_data_parallel.py [--devices 1,2,4,8] [--steps 50] [--rounds 3]
 
-The step is the pipeline's own (``pipeline._make_train_step`` with the ADMM
+The step is the pipeline's own (``pipeline.make_train_step`` with the ADMM
 chain of ``configs/smoke.py``: LeNet-5, global batch 64, a projection and dual
 update every 4 steps), on a mesh over N CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``, one subprocess per
@@ -48,11 +48,11 @@ def child(sharding: str, steps: int, warmup: int) -> None:
     model = models.get("lenet5", rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     specs = graph.chain_specs(params, model.chain)
-    tx = pipeline._make_tx(config, pipeline.Phase("admm", 1, 0.5), specs, steps + warmup)
+    tx = pipeline.make_tx(pipeline.settings(config), pipeline.Phase("admm", 1, 0.5), specs, steps + warmup)
     opt_state = ap.set_stage(tx.init(params), 0.5)
     dp = distributed.DataParallel(param_sharding=sharding)
     params, rest, opt_state = dp.put((params, rest, opt_state))
-    step = pipeline._make_train_step(
+    step = pipeline.make_train_step(
         graphdef,
         tx,
         admm_metrics=True,

@@ -173,7 +173,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 import admmprune as ap
 from admmprune import distributed, graph, models, pipeline, train
-from admmprune._errors import UserError
+from admmprune import UserError
 
 # The pipeline's ADMM step of the smoke config (a projection every 4 steps).
 config = train.load_config("smoke")
@@ -185,9 +185,9 @@ def train_on(dp):
     model = models.get("lenet5", rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     specs = graph.chain_specs(params, model.chain)
-    tx = pipeline._make_tx(config, pipeline.Phase("admm", 1, 0.5), specs, len(batches))
+    tx = pipeline.make_tx(pipeline.settings(config), pipeline.Phase("admm", 1, 0.5), specs, len(batches))
     state = dp.put((params, rest, ap.set_stage(tx.init(params), 0.5)))
-    step = pipeline._make_train_step(graphdef, tx, admm_metrics=True,
+    step = pipeline.make_train_step(graphdef, tx, admm_metrics=True,
                                      shardings=(dp.shardings(state), dp.data, dp.replicated))
     losses = []
     for batch in batches:

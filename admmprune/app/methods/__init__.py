@@ -1,4 +1,4 @@
-"""The pruning methods the pipeline runs, side by side with ADMM (L5 helpers).
+"""The pruning methods the pipeline runs, side by side with ADMM (L5).
 
 Every method starts from the same trained dense model, trains for the same
 number of epochs (``admm.epochs_per_stage`` per stage of ``prune.stages``,
@@ -40,133 +40,67 @@ channel groups and ends in the same collapse and report:
   Group-sparsity regularized training: proximal SGD with block soft
   thresholding of every channel group (:func:`admmprune.core.regularizers.group_lasso_prox`),
   then removal by the smallest group norms.
+
+Each method is a registered :class:`Method`: a frozen dataclass of plain
+values (built by :func:`build` from a run's settings, never from the config
+itself) that says what only it knows: its phases, the optax transformation of
+each of its phases, the penalty on its gates, how it scores and selects
+channels, and what it adds to the report. The pipeline loops over the phases
+and asks; it has no ``if method == ...``. Adding a method is one class and its
+:func:`register` line.
 """
 
-from __future__ import annotations
+# Methods register on import, in this order, the order METHODS lists them in.
+# isort: off
+from admmprune.app.methods import _admm, _magnitude, _gated, _group_lasso
+# isort: on
+from admmprune.app.methods._admm import Admm
+from admmprune.app.methods._base import (
+    Method,
+    Optimizer,
+    Phase,
+    PruneInputs,
+    ScoredMethod,
+    Target,
+    Values,
+    build,
+    keep_at_least_one,
+    names,
+    register,
+    registered,
+    without,
+)
+from admmprune.app.methods._gated import L1Mask, Relaxation, Slimming
+from admmprune.app.methods._group_lasso import GroupLasso
+from admmprune.app.methods._magnitude import Magnitude
 
-import functools
-from typing import Any
+del _admm, _magnitude, _gated, _group_lasso  # imported for their registrations, in this order
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from ml_collections import ConfigDict
-
-from admmprune.structure import costs, criteria, gates
-from admmprune.core import regularizers
-from admmprune._errors import UserError
-
-METHODS = ("admm", "magnitude", "l1_mask", "slimming", "relaxation", "group_lasso")
+#: The registered methods' names.
+METHODS = names()
 #: Methods with a regularized training phase ("sparsify") before the retrain.
-SPARSIFYING = ("l1_mask", "slimming", "relaxation", "group_lasso")
+SPARSIFYING = tuple(name for name, cls in registered().items() if cls.sparsifying)
 
-
-def check(config: ConfigDict) -> None:
-    """Validates the method-specific config fields; raises UserError."""
-    method = config.prune.method
-    if method not in METHODS:
-        raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if config.prune.criterion not in criteria.CRITERIA:
-        raise UserError(f"unknown prune.criterion {config.prune.criterion!r}; choose from {', '.join(criteria.CRITERIA)}")
-    if config.prune.scope not in criteria.SCOPES:
-        raise UserError(f"prune.scope must be one of {criteria.SCOPES}, got {config.prune.scope!r}")
-    for field in ("l1_mask.strength", "slimming.strength", "group_lasso.strength", "relaxation.temperature",
-                  "relaxation.flops_weight", "relaxation.polarization_weight", "relaxation.gate_learning_rate"):
-        section, key = field.split(".")
-        value = config[section][key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-            raise UserError(f"{field} must be a non-negative number, got {value!r}")
-    if not 0 < config.relaxation.threshold < 1:
-        raise UserError(f"relaxation.threshold must be in (0, 1), got {config.relaxation.threshold!r}")
-
-
-def uses_gates(config: ConfigDict, specs: Any) -> bool:
-    """Whether the sparsify phase trains per-channel gates next to the weights."""
-    method = config.prune.method
-    if method in ("l1_mask", "relaxation"):
-        return True
-    return method == "slimming" and not gates.norm_scales(specs)
-
-
-def init_gates(config: ConfigDict, params: Any, specs: Any) -> dict[str, jax.Array]:
-    value = config.relaxation.init_logit if config.prune.method == "relaxation" else 1.0
-    return gates.init(params, specs, value)
-
-
-def gate_values(config: ConfigDict, g: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The multiplicative gates: the trained values, or ``sigmoid(s / T)`` for the relaxation."""
-    if config.prune.method == "relaxation":
-        return gates.sigmoid_gates(g, config.relaxation.temperature)
-    return g
-
-
-def budget(config: ConfigDict, params: Any, specs: Any, macs: dict[str, int]) -> tuple[Any, float]:
-    """The gated-MACs model and its target for the relaxation (``1 - ratio`` of every group)."""
-    model = functools.partial(costs.gated_macs, macs, specs=specs, params=params)
-    uniform = {k: jnp.full(v.shape, 1.0 - config.prune.ratio, jnp.float32) for k, v in gates.init(params, specs).items()}
-    return model, float(model(uniform))
-
-
-def penalty(config: ConfigDict, macs_model=None, target: float | None = None):
-    """``gates -> scalar`` added to the loss in the sparsify phase (gated methods)."""
-    method = config.prune.method
-    if method == "relaxation":
-        rc = config.relaxation
-
-        def relaxation(g):
-            v = gate_values(config, g)
-            over = jax.nn.relu(jnp.log(macs_model(v) / target))
-            n = sum(x.size for x in v.values())
-            return rc.flops_weight * jnp.square(over) + rc.polarization_weight * gates.polarization(v) / n
-
-        return relaxation
-    strength = config.l1_mask.strength if method == "l1_mask" else config.slimming.strength
-    return lambda g: strength * gates.l1(g)
-
-
-def sparsify_tx(config: ConfigDict, specs: Any, sgd: optax.GradientTransformation, learning_rate) -> Any:
-    """The optimizer of the sparsify phase for the methods without gates."""
-    method = config.prune.method
-    if method == "group_lasso":
-        lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
-        strength = config.group_lasso.strength
-        return optax.chain(sgd, regularizers.group_lasso_prox(specs, lambda count: strength * lr(count)))
-    if method == "slimming":
-        return optax.chain(regularizers.bn_l1(specs, config.slimming.strength), sgd)
-    raise ValueError(f"{method} trains gates; it has no plain sparsify optimizer")
-
-
-def channel_scores(config: ConfigDict, params: Any, specs: Any, g: dict[str, jax.Array] | None,
-                   *, grads: Any = None) -> dict[str, jax.Array]:
-    """Per-group channel scores that decide what the method removes (higher = keep)."""
-    method = config.prune.method
-    if g is not None:
-        return {k: jnp.abs(v) for k, v in gate_values(config, g).items()}
-    if method == "slimming":
-        return criteria.scores(params, specs, "bn_scale")
-    if method == "group_lasso":
-        return criteria.scores(params, specs, "l2")
-    key = jax.random.key(config.seed) if config.prune.criterion == "random" else None
-    return criteria.scores(params, specs, config.prune.criterion, grads=grads, key=key)
-
-
-def keep_at_least_one(keep: dict[str, np.ndarray], scores: dict[str, Any], removable: set[str]) -> dict[str, np.ndarray]:
-    """Every group that may not vanish keeps at least its best channel."""
-    out = {}
-    for k, v in keep.items():
-        v = np.asarray(v, bool).copy()
-        if not v.any() and k not in removable:
-            v[int(np.argmax(np.asarray(scores[k])))] = True
-        out[k] = v
-    return out
-
-
-def without(scores: dict[str, Any], alive: dict[str, np.ndarray] | None) -> dict[str, jax.Array]:
-    """Scores with channels already removed (``alive`` False) at minus infinity, so they stay removed."""
-    if not alive:
-        return scores
-    return {k: jnp.where(jnp.asarray(alive[k]), v, -jnp.inf) if k in alive else v for k, v in scores.items()}
-
-
-__all__ = ["METHODS", "SPARSIFYING"]
+__all__ = [
+    "METHODS",
+    "SPARSIFYING",
+    "Admm",
+    "GroupLasso",
+    "L1Mask",
+    "Magnitude",
+    "Method",
+    "Optimizer",
+    "Phase",
+    "PruneInputs",
+    "Relaxation",
+    "ScoredMethod",
+    "Slimming",
+    "Target",
+    "Values",
+    "build",
+    "keep_at_least_one",
+    "names",
+    "register",
+    "registered",
+    "without",
+]

@@ -1,0 +1,66 @@
+"""Magnitude (criterion) pruning: the classic heuristic ADMM is compared with."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import jax
+
+from admmprune._errors import UserError
+from admmprune._types import Params, Specs
+from admmprune.app.methods._base import (
+    Phase,
+    ScoredMethod,
+    Target,
+    Values,
+    register,
+)
+from admmprune.structure import criteria, gates
+
+
+def _selection(values: Values) -> dict:
+    return {"scope": values["prune"]["scope"], "round_to": values["prune"]["round_to"]}
+
+
+@register("magnitude")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Magnitude(ScoredMethod):
+    """Filter pruning by a criterion, one-shot or iterative.
+
+    Attributes:
+      criterion: one of :data:`admmprune.structure.criteria.CRITERIA`.
+      iterative: prune at each stage's ratio and fine-tune in between,
+        instead of once at the final ratio.
+      seed: the key of the ``random`` criterion.
+    """
+
+    criterion: str = "l2"
+    iterative: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.criterion not in criteria.CRITERIA:
+            raise UserError(f"unknown prune.criterion {self.criterion!r}; choose from {', '.join(criteria.CRITERIA)}")
+        super().__post_init__()
+
+    @classmethod
+    def from_values(cls, values: Values) -> Magnitude:
+        return cls(criterion=values["prune"]["criterion"], iterative=values["magnitude"]["iterative"],
+                   seed=values["run"]["seed"], **_selection(values))
+
+    def phases(self, stages: Sequence[float], epochs_per_stage: int, retrain_epochs: int) -> list[Phase]:
+        if not self.iterative:
+            return super().phases(stages, epochs_per_stage, retrain_epochs)
+        return [*(Phase("finetune", epochs_per_stage, r) for r in stages), Phase("retrain", retrain_epochs, stages[-1])]
+
+    def check(self, target: Target) -> None:
+        if self.criterion == "bn_scale" and not gates.norm_scales(target.specs):
+            raise UserError(f"prune.criterion bn_scale needs normalization layers, and {target.model_name} has none")
+
+    def scores(self, params: Params, specs: Specs, g: Mapping[str, jax.Array] | None, target: Target):
+        if g is not None:
+            return super().scores(params, specs, g, target)
+        grads = target.taylor_grads(params) if self.criterion == "taylor" else None
+        key = jax.random.key(self.seed) if self.criterion == "random" else None
+        return criteria.scores(params, specs, self.criterion, grads=grads, key=key)

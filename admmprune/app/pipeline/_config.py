@@ -1,0 +1,201 @@
+"""The config, read once: checked, then turned into typed :class:`Settings`.
+
+Nothing below :func:`admmprune.app.pipeline.run` sees the ``ConfigDict``: the
+run, its steps and its phases take these settings, and the method is built
+from plain values (:func:`admmprune.app.methods.build`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from admmprune._errors import UserError
+from admmprune.app import methods as methods_lib
+from admmprune.app.methods import Method, Optimizer, Phase
+from admmprune.core import schedules
+from admmprune.models import names as model_names
+
+SCHEDULES = ("constant", "cosine")
+# Config fields that do not change results: a rerun may differ in them (a run
+# may resume on another number of devices, or with another sharding).
+RUNTIME_KEYS = ("progress", "distributed")
+# The config sections the methods are built from (as plain dicts).
+_METHOD_SECTIONS = ("prune", "admm", "magnitude", "l1_mask", "slimming", "group_lasso", "relaxation")
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """One kind of phase's training: its learning rate and schedule."""
+
+    learning_rate: float
+    schedule: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """Where the examples come from and how they are batched."""
+
+    name: str
+    data_dir: str | None
+    train_split: str
+    eval_split: str
+    batch_size: int
+    eval_batch_size: int
+    limit: int | None
+    eval_limit: int | None
+    augment: tuple[str, ...]
+    normalize: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run needs to know, typed; built by :func:`settings`."""
+
+    seed: int
+    model: str
+    data: Data
+    optimizer: Optimizer
+    dense_epochs: int
+    epochs_per_stage: int
+    retrain_epochs: int
+    dense: Training
+    stage: Training  # the admm, sparsify and finetune phases
+    retrain: Training
+    ratio: float
+    stages: tuple[float, ...]
+    method: Method
+    method_name: str
+    measure_batch_size: int
+    measure_repeats: int
+    param_sharding: str
+    log_every: int
+    checkpoint_every: int | None
+    progress: bool
+    #: The config as JSON, without its runtime fields: what a workdir records.
+    comparable: dict[str, Any]
+
+    def training(self, phase: Phase) -> Training:
+        """The learning rate and schedule of ``phase``."""
+        if phase.kind == "dense":
+            return self.dense
+        return self.retrain if phase.kind == "retrain" else self.stage
+
+
+def _positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise UserError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}")
+    return value
+
+
+def _positive_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _method_values(config: ConfigDict) -> methods_lib.Values:
+    values = {k: dict(config[k]) for k in _METHOD_SECTIONS}
+    values["run"] = {"seed": config.seed}
+    return values
+
+
+def check_config(config: ConfigDict) -> tuple[float, ...]:
+    """Validates the config; returns the stage ratios.
+
+    Every registered method is built from the config's values, so a bad
+    value of any method's settings is refused, whichever method runs.
+
+    Raises:
+      UserError: naming the first bad field and what it should be.
+    """
+    ratio = config.prune.ratio
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise UserError(f"the pruning ratio must be a number in (0, 1), got {ratio!r}")
+    if config.model.name not in model_names():
+        raise UserError(f"unknown model {config.model.name!r}; choose from {', '.join(model_names())}")
+    if config.model.name == "unet":
+        raise UserError("unet is a segmentation model; this pipeline trains image classifiers (choose another model)")
+    methods_lib.build(config.prune.method, _method_values(config))
+    for name in methods_lib.METHODS:
+        methods_lib.build(name, _method_values(config))
+    for phase in ("dense", "admm", "retrain"):
+        if getattr(config, phase).schedule not in SCHEDULES:
+            raise UserError(f"{phase}.schedule must be one of {SCHEDULES}, got {getattr(config, phase).schedule!r}")
+        _positive_float(getattr(config, phase).learning_rate, f"{phase}.learning_rate")
+    _positive_int(config.dense.epochs, "dense.epochs")
+    _positive_int(config.admm.epochs_per_stage, "admm.epochs_per_stage")
+    _positive_int(config.retrain.epochs, "retrain.epochs", allow_zero=True)
+    _positive_int(config.admm.interval, "admm.interval")
+    _positive_int(config.prune.round_to, "prune.round_to")
+    _positive_int(config.data.batch_size, "data.batch_size")
+    _positive_int(config.data.eval_batch_size, "data.eval_batch_size")
+    _positive_int(config.log_every, "log_every")
+    _positive_int(config.measure.batch_size, "measure.batch_size")
+    _positive_int(config.measure.repeats, "measure.repeats")
+    if config.checkpoint_every is not None:
+        _positive_int(config.checkpoint_every, "checkpoint_every")
+    _positive_float(config.admm.rho, "admm.rho")
+    _positive_float(config.admm.rho_factor, "admm.rho_factor")
+    _positive_float(config.admm.max_rho, "admm.max_rho")
+    try:
+        return schedules.stage_ratios(float(ratio), config.prune.stages)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def comparable(config: ConfigDict) -> dict[str, Any]:
+    """The config as JSON without the fields that do not change results."""
+    d = json.loads(config.to_json_best_effort(sort_keys=True))
+    for key in RUNTIME_KEYS:
+        d.pop(key, None)
+    return d
+
+
+def settings(config: ConfigDict) -> Settings:
+    """Checks ``config`` and reads it into :class:`Settings`, once.
+
+    Raises:
+      UserError: for a bad value (see :func:`check_config`).
+    """
+    stages = check_config(config)
+    c = config
+    d = c.data
+    return Settings(
+        seed=c.seed,
+        model=c.model.name,
+        data=Data(
+            name=d.name, data_dir=d.data_dir, train_split=d.train_split, eval_split=d.eval_split,
+            batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, limit=d.limit, eval_limit=d.eval_limit,
+            augment=tuple(a for a in d.augment.split(",") if a), normalize=d.normalize,
+        ),
+        optimizer=Optimizer(c.optimizer.momentum, c.optimizer.weight_decay),
+        dense_epochs=c.dense.epochs,
+        epochs_per_stage=c.admm.epochs_per_stage,
+        retrain_epochs=c.retrain.epochs,
+        dense=Training(float(c.dense.learning_rate), c.dense.schedule),
+        stage=Training(float(c.admm.learning_rate), c.admm.schedule),
+        retrain=Training(float(c.retrain.learning_rate), c.retrain.schedule),
+        ratio=float(c.prune.ratio),
+        stages=stages,
+        method=methods_lib.build(c.prune.method, _method_values(c)),
+        method_name=c.prune.method,
+        measure_batch_size=c.measure.batch_size,
+        measure_repeats=c.measure.repeats,
+        param_sharding=c.distributed.param_sharding,
+        log_every=c.log_every,
+        checkpoint_every=c.checkpoint_every,
+        progress=c.progress,
+        comparable=comparable(c),
+    )
+
+
+def plan_phases(config: ConfigDict | Settings, stages: tuple[float, ...] | None = None) -> list[Phase]:
+    """The phases of a run, in order: the dense phase, then the method's."""
+    s = config if isinstance(config, Settings) else settings(config)
+    stages = s.stages if stages is None else stages
+    return [Phase("dense", s.dense_epochs), *s.method.phases(stages, s.epochs_per_stage, s.retrain_epochs)]

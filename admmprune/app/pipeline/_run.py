@@ -1,0 +1,196 @@
+"""The state of one run: its data, model, specs and training state, typed."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from admmprune._errors import UserError
+from admmprune.app.methods import Phase, Target
+from admmprune.app.pipeline._config import Settings
+from admmprune.app.pipeline._steps import make_eval
+from admmprune.runtime import data as data_lib
+from admmprune.runtime import distributed
+from admmprune.structure import collapse as collapse_lib
+from admmprune import models
+from admmprune.structure import costs, discovery, gates, graph, measure
+
+
+@dataclasses.dataclass(eq=False)
+class Run:
+    """Everything one run holds. The phases replace the training state
+    (``params``, ``rest``, ``opt_state``, ``gates``); the rest is fixed at
+    :func:`prepare`."""
+
+    settings: Settings
+    workdir: str
+    log: Callable[[str], None]
+    info: Any  # data_lib.DatasetInfo
+    train_source: Any
+    eval_source: Any
+    normalize: tuple[Any, Any] | None
+    model: nnx.Module
+    example: jax.ShapeDtypeStruct
+    graphdef: Any
+    eval_graphdef: Any
+    specs: Any
+    state_specs: Any
+    dist: distributed.DataParallel
+    local_batch_size: int
+    steps_per_epoch: int
+    target: Target
+    evaluate_fn: Callable[..., jax.Array]  # correct predictions of a batch, in evaluation mode
+    # The training state.
+    params: Any
+    rest: Any
+    opt_state: Any = None
+    masks: Any = None
+    gates: dict[str, jax.Array] | None = None  # per-channel gates (or logits) while a gated method trains them
+
+    def gated(self, phase: Phase) -> bool:
+        """Whether ``phase`` trains gates next to the weights."""
+        return phase.kind == "sparsify" and self.settings.method.uses_gates(self.specs)
+
+    def effective(self, params, g):
+        """The parameters the model computes with under gates ``g``."""
+        return gates.apply(params, self.settings.method.gate_values(g), self.specs)
+
+    def gate_fns(self):
+        """``(effective, penalty)`` of the gated step: the gated params, and the loss term."""
+        return self.effective, self.settings.method.penalty(self.params, self.target)
+
+    def effective_params(self):
+        """The parameters the model computes with: gated while gates train."""
+        return self.params if self.gates is None else self.effective(self.params, self.gates)
+
+    def loader(self, phase_index: int, epochs: int, *, whole: bool = False):
+        """Training batches: this process's share of each global batch, or
+        (``whole``, for host-side work that every process repeats) all of it."""
+        d = self.settings.data
+        shard = {"shard_index": 0, "shard_count": 1} if whole else {}
+        return data_lib.make_loader(
+            self.train_source, batch_size=d.batch_size if whole else self.local_batch_size,
+            seed=self.settings.seed * 1000 + phase_index + 1, num_epochs=epochs, normalize=self.normalize,
+            augment=d.augment, **shard,
+        )
+
+    def eval_loader(self, batch_size: int | None = None):
+        """The eval split, in order, whole on every process."""
+        return data_lib.make_loader(
+            self.eval_source, batch_size=batch_size or self.settings.data.eval_batch_size, seed=0, shuffle=False,
+            drop_remainder=False, normalize=self.normalize, shard_index=0, shard_count=1,
+        )
+
+    def evaluate(self, params=None, *, model=None) -> float:
+        """Accuracy on the eval split of the current params, or of another ``model``."""
+        if model is None:
+            fn, args = self.evaluate_fn, (self.params if params is None else params, self.rest)
+        else:
+            model.eval()
+            graphdef, p, rest = nnx.split(model, nnx.Param, ...)
+            fn, args = make_eval(graphdef), (p, rest)
+        correct = total = 0
+        for batch in self.eval_loader():
+            correct += int(fn(*args, batch["image"], batch["label"]))
+            total += len(batch["label"])
+        return correct / total
+
+    def measure(self, model: nnx.Module, *, latency: bool = True) -> dict[str, Any]:
+        """Params, per-example FLOPs (XLA's count) and eval-mode latency of ``model``."""
+        s = self.settings
+        model.eval()
+        _, params, _ = nnx.split(model, nnx.Param, ...)
+        out = {"params": measure.count_params(params), "flops": measure.flops(model, self.example)}
+        if latency:
+            x = jnp.zeros((s.measure_batch_size, *self.info.image_shape), jnp.float32)
+            out["latency_ms"] = measure.latency_ms(model, x, repeats=s.measure_repeats)["median"]
+        return out
+
+    def kept(self, masks) -> dict[str, dict[str, int]]:
+        """Channels kept and in total per group, as the report's ``layers``."""
+        return {g: {"kept": k, "total": t} for g, (k, t) in graph.group_widths(self.params, self.specs, masks).items()}
+
+
+def _input_kwargs(name: str, info) -> dict[str, Any]:
+    """Constructor arguments that fit a model to the dataset's images and classes."""
+    params = inspect.signature(models.get_class(name).__init__).parameters
+    kwargs: dict[str, Any] = {"num_classes": info.num_classes}
+    if "in_shape" in params:
+        kwargs["in_shape"] = tuple(info.image_shape)
+    elif "in_features" in params:
+        kwargs["in_features"] = int(np.prod(info.image_shape))
+    return kwargs
+
+
+def _sliced(split: str, limit: int | None) -> str:
+    if limit is None:
+        return split
+    if "[" in split:
+        raise UserError(f"data.limit cannot be combined with the sliced split {split!r}; slice the split instead")
+    return f"{split}[:{limit}]"
+
+
+def prepare(s: Settings, workdir: str, log: Callable[[str], None]) -> Run:
+    """Data, model, specs and devices of a run: everything that can fail before
+    the workdir is claimed.
+
+    Raises:
+      UserError: data that cannot be had, a method that cannot prune the
+        model, or a batch larger than the training set.
+    """
+    d = s.data
+    info = data_lib.dataset_info(d.name, d.data_dir)
+    # A limit reads only that slice of the split (tfds slicing), not all of it.
+    train_source = data_lib.load_source(d.name, _sliced(d.train_split, d.limit), d.data_dir)
+    eval_source = data_lib.load_source(d.name, _sliced(d.eval_split, d.eval_limit), d.data_dir)
+    normalize = (info.mean, info.std) if d.normalize and info.mean is not None else None
+    model = models.get(s.model, **_input_kwargs(s.model, info), rngs=nnx.Rngs(s.seed))
+    example = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
+    model.eval()  # a graph definition in evaluation mode (BatchNorm running statistics)
+    eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if getattr(model, "chain", None) is not None:  # a declaration overrides discovery
+        specs, state_specs = graph.chain_specs(params, model.chain), None
+    else:
+        found = discovery.discover_nnx(model, example)
+        specs, state_specs = found.specs, found.state_specs
+        for name, reasons in found.unprunable.items():
+            log(f"not pruned: {name} ({'; '.join(reasons)})")
+    dist = distributed.DataParallel(param_sharding=s.param_sharding)
+    # data.batch_size is the global batch; this process reads its share of it.
+    local_batch_size = dist.local_batch_size(d.batch_size)
+    n_train = len(train_source)
+    steps_per_epoch = n_train // jax.process_count() // local_batch_size
+    if steps_per_epoch < 1:
+        raise UserError(f"data.batch_size {d.batch_size} is larger than the {n_train} training examples")
+    run = Run(
+        settings=s, workdir=workdir, log=log, info=info, train_source=train_source, eval_source=eval_source,
+        normalize=normalize, model=model, example=example, graphdef=graphdef, eval_graphdef=eval_graphdef,
+        specs=specs, state_specs=state_specs, dist=dist, local_batch_size=local_batch_size,
+        steps_per_epoch=steps_per_epoch, target=None, evaluate_fn=make_eval(eval_graphdef), params=params, rest=rest,
+    )
+    run.target = Target(
+        model_name=s.model,
+        specs=specs,
+        layer_macs=lambda: costs.layer_macs(model, jnp.zeros(example.shape, example.dtype)),
+        removable_groups=lambda p: collapse_lib.removable_groups(model, specs, p),
+        taylor_grads=lambda p: _taylor_grads(run, p),
+    )
+    s.method.check(run.target)
+    return run
+
+
+def _taylor_grads(run: Run, params, batches: int = 4):
+    """Loss gradients of a few training batches, for the Taylor criterion."""
+    from admmprune.app.analyze import taylor_grads  # scipy and friends only when asked for
+
+    it = iter(run.loader(-1, 1))
+    return taylor_grads(nnx.merge(run.graphdef, params, run.rest, copy=True), [next(it) for _ in range(batches)])

@@ -1,0 +1,103 @@
+"""The jitted training and evaluation steps, and each phase's optimizer."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from admmprune._types import Masks, Specs
+from admmprune.app.methods import Phase
+from admmprune.app.pipeline._config import Settings, Training
+from admmprune.core import admm as admm_lib
+from admmprune.core import masking
+
+
+def learning_rate(training: Training, total_steps: int) -> optax.Schedule | float:
+    """The phase's learning rate: constant, or cosine-decayed over its steps."""
+    if training.schedule == "cosine":
+        return optax.cosine_decay_schedule(training.learning_rate, max(total_steps, 1))
+    return training.learning_rate
+
+
+def make_tx(
+    settings: Settings, phase: Phase, specs: Specs, steps: int, masks: Masks = None, *, gated: bool = False
+) -> optax.GradientTransformation:
+    """The optimizer of ``phase``: SGD for the dense phase; the method's own
+    transformation for its phases (``admm``, ``sparsify``); SGD that keeps the
+    pruned weights at zero (``masks``) for ``finetune`` and ``retrain``."""
+    lr = learning_rate(settings.training(phase), steps)
+    if phase.kind == "dense":
+        return settings.optimizer.weights(lr)
+    if phase.kind in ("finetune", "retrain"):
+        return optax.chain(settings.optimizer.weights(lr), masking.keep_masked(masks))
+    return settings.method.transform(phase, specs, settings.optimizer, lr, gated=gated)
+
+
+def _admm_metrics(opt_state) -> dict[str, jax.Array]:
+    """Mean primal residual and largest rho, computed inside the jitted step."""
+    state = admm_lib.find_state(opt_state)
+    primal = jax.tree.leaves(state.primal_residual)
+    return {"primal_residual": sum(primal) / len(primal), "rho": jnp.max(jnp.stack(jax.tree.leaves(state.rho)))}
+
+
+def make_train_step(graphdef, tx, *, admm_metrics: bool = False, gated=None, shardings=None):
+    """The jitted training step ``(trainable, rest, opt_state, batch) -> (..., metrics)``.
+
+    Args:
+      graphdef: the model's graph definition (``nnx.split(model, nnx.Param, ...)``).
+      tx: the phase's optimizer.
+      admm_metrics: add the ADMM state's mean primal residual and largest rho.
+      gated: ``(effective, penalty)`` to train a ``(params, gates)`` pair: the
+        model runs on ``effective(params, gates)`` and ``penalty(gates)`` joins
+        the loss.
+      shardings: ``(state, batch, replicated)``: the shardings of
+        ``(trainable, rest, opt_state)``, of the batch, and of the metrics.
+    """
+
+    def loss_fn(trainable, rest, batch):
+        params, extra = trainable, jnp.zeros((), jnp.float32)
+        if gated is not None:
+            effective, penalty = gated
+            params, extra = effective(*trainable), penalty(trainable[1])
+        # copy=True: fresh Variables, so BatchNorm may update its statistics
+        # inside this (grad) trace.
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        logits = model(batch["image"])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        return loss + extra, (rest, logits, loss, extra)
+
+    sharded = {}
+    if shardings is not None:
+        state, batch_sharding, replicated = shardings
+        sharded = {"in_shardings": (*state, batch_sharding), "out_shardings": (*state, replicated)}
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2), **sharded)
+    def step(trainable, rest, opt_state, batch):
+        (_, (rest, logits, loss, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, rest, batch)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+        metrics = {"loss": loss, "accuracy": accuracy}
+        if gated is not None:
+            metrics["penalty"] = extra
+        if admm_metrics:
+            metrics.update(_admm_metrics(opt_state))
+        return trainable, rest, opt_state, metrics
+
+    return step
+
+
+def make_eval(graphdef):
+    """The jitted count of correct predictions of a batch."""
+
+    @jax.jit
+    def correct(params, rest, images, labels):
+        logits = nnx.merge(graphdef, params, rest)(images)
+        return jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.int32))
+
+    return correct
