@@ -26,6 +26,7 @@ import importlib.machinery
 import sys
 
 from admmprune._errors import UserError
+from admmprune._types import path_str
 from admmprune.core import projections, schedules, sparsity
 from admmprune.core.admm import AdmmState, admm, find_state, residuals, set_stage
 from admmprune.core.masking import MaskedState, apply_masks, hard_prune, keep_masked, mask_sparsity
@@ -144,6 +145,7 @@ __all__ = [
     "keep_masked",
     "load",
     "mask_sparsity",
+    "path_str",
     "project",
     "project_tree",
     "projections",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from admmprune import data
-from admmprune._errors import UserError
+from admmprune import UserError
 from admmprune.checkpoint import Checkpointer, Restored
 
 

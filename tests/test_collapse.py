@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 
 import admmprune as ap
 from admmprune import models
-from admmprune._errors import UserError
-from admmprune._types import path_str
+from admmprune import UserError
+from admmprune import path_str
 from admmprune.collapse import alive_channels, collapse, consistent_masks, masked, slice_channels
 from admmprune.discovery import discover, discover_nnx
 from admmprune.projections import coupled_groups, expand_groups, num_kept

@@ -31,7 +31,7 @@ from flax import nnx
 
 import admmprune as ap
 from admmprune import graph, models
-from admmprune._types import path_str
+from admmprune import path_str
 from admmprune.discovery import DiscoveryError, discover, discover_nnx, discover_specs
 from admmprune.projections import coupled_groups, expand_groups, groups_alive, num_groups
 from admmprune.sparsity import Channel, Coupled, Filter, is_spec

@@ -73,7 +73,8 @@ def test_method_runs_end_to_end_and_collapses(index, finished):
     assert os.path.isdir(os.path.join(workdir, "model")) and os.path.isdir(os.path.join(workdir, "dense"))
     if method in methods.SPARSIFYING:
         sparsify = report["sparsify"]
-        assert sparsify["epochs"] == 3 and 0 <= sparsify["pruned_accuracy"] <= 1
+        # The regularized training keeps a working model (the dense one reaches about 0.87 on this slice).
+        assert sparsify["epochs"] == 3 and sparsify["accuracy"] > 0.5
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             phases = {json.loads(line)["phase"] for line in f}
         assert phases == {"dense", "sparsify", "retrain"}

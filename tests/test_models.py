@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from admmprune import models
-from admmprune._errors import UserError
+from admmprune import UserError
 from admmprune.models.layers import max_pool_2x2
 
 

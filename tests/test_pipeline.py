@@ -43,7 +43,9 @@ def test_smoke_pipeline_writes_a_complete_report(smoke_run):
     assert report["ratio"] == 0.9
     assert [s["ratio"] for s in report["stages"]] == [0.5, 0.75, 0.9]
     for stage in report["stages"]:
-        assert 0 <= stage["accuracy"] <= 1 and stage["primal_residual"] >= 0 and stage["seconds"] > 0
+        assert stage["primal_residual"] >= 0 and stage["seconds"] > 0
+        # ADMM trains a working model at every stage (about 0.9 on this slice); its hard prune costs accuracy.
+        assert stage["admm_accuracy"] > 0.5 and stage["accuracy"] < stage["admm_accuracy"]
     assert report["dense"]["params"] == 431_080
     # 0.9 of every prunable layer's channels removed: 20 -> 2, 50 -> 5, 500 -> 50.
     assert report["layers"] == {
@@ -55,7 +57,8 @@ def test_smoke_pipeline_writes_a_complete_report(smoke_run):
     assert report["pruned"]["params"] == 4_867
     assert 0 < report["pruned"]["flops"] < 0.05 * report["dense"]["flops"]
     assert report["dense"]["accuracy"] > 0.5  # a real model learned on real MNIST
-    assert 0 <= report["pruned"]["accuracy"] <= 1
+    # Retraining with the masks fixed recovers from the last stage's hard prune.
+    assert report["pruned"]["accuracy"] > report["stages"][-1]["accuracy"]
     # The collapsed model is the slim LeNet-5 and computes what the masked one does.
     collapsed = report["collapsed"]
     assert collapsed["params"] == 4_867 and collapsed["flops"] == report["pruned"]["flops"]

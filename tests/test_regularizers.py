@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from admmprune import discovery, graph, models, regularizers
-from admmprune._types import path_str
+from admmprune import path_str
 from admmprune.projections import coupled_groups, to_groups
 from admmprune.sparsity import Block, Filter, NofM, Unstructured, is_spec
 

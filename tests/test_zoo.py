@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from admmprune import models
-from admmprune._errors import UserError
+from admmprune import UserError
 from admmprune.models.resnet import max_pool_3x3_s2
 
 ZOO = (
