@@ -1,0 +1,1 @@
+"""Development tools of the admmprune repository (not part of the package)."""
