@@ -123,6 +123,7 @@ def load(path):
 
     return load_model(path)
 
+
 __all__ = [
     "AdmmState",
     "Block",

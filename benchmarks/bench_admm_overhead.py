@@ -56,13 +56,26 @@ def main():
     parser.add_argument("--steps", type=int, default=200, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--intervals", type=int, nargs="+", default=[100, 20],
-                        help="ADMM dual-update intervals (the library's default, the pipeline's default)")
+    parser.add_argument(
+        "--intervals",
+        type=int,
+        nargs="+",
+        default=[100, 20],
+        help="ADMM dual-update intervals (the library's default, the pipeline's default)",
+    )
     parser.add_argument("--out", default="benchmarks/results/admm_overhead.json")
     args = parser.parse_args()
     rows = [measure_interval(args, interval) for interval in args.intervals]
-    write_json(args.out, {"command": " ".join(["python", "benchmarks/bench_admm_overhead.py", *sys.argv[1:]]),
-                          "steps": args.steps, "rounds": args.rounds, "batch": args.batch, "rows": rows})
+    write_json(
+        args.out,
+        {
+            "command": " ".join(["python", "benchmarks/bench_admm_overhead.py", *sys.argv[1:]]),
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "batch": args.batch,
+            "rows": rows,
+        },
+    )
 
 
 def measure_interval(args, interval: int) -> dict:
@@ -90,18 +103,23 @@ def measure_interval(args, interval: int) -> dict:
 
     for r in range(args.rounds):
         order = list(runs.items()) if r % 2 == 0 else list(runs.items())[::-1]  # no first-mover bias
-        for name, run in order:
+        for _name, run in order:
             ms, run[1], run[2] = time_steps(run[0], run[1], run[2], batch, args.steps)
             run[3].append(ms)
     plain, admm = runs["plain"][3], runs["admm"][3]
-    ratios = [a / p for a, p in zip(admm, plain)]
+    ratios = [a / p for a, p in zip(admm, plain, strict=True)]
     print(f"interval    {interval}")
     print(f"plain step  median {statistics.median(plain):.2f} ms  {[round(x, 2) for x in plain]}")
     print(f"admm step   median {statistics.median(admm):.2f} ms  {[round(x, 2) for x in admm]}")
     print(f"ratio       median {statistics.median(ratios):.3f}  {[round(x, 3) for x in ratios]}", flush=True)
-    return {"interval": interval, "params": sum(x.size for x in jax.tree.leaves(params)),
-            "plain_ms": statistics.median(plain), "admm_ms": statistics.median(admm),
-            "ratio": statistics.median(ratios), "round_ratios": ratios}
+    return {
+        "interval": interval,
+        "params": sum(x.size for x in jax.tree.leaves(params)),
+        "plain_ms": statistics.median(plain),
+        "admm_ms": statistics.median(admm),
+        "ratio": statistics.median(ratios),
+        "round_ratios": ratios,
+    }
 
 
 if __name__ == "__main__":

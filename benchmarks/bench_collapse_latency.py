@@ -37,8 +37,10 @@ def main():
     args = parser.parse_args()
 
     rows = []
-    print("| model | ratio | FLOPs dense | FLOPs collapsed | FLOPs ratio | latency dense (ms) "
-          "| latency collapsed (ms) | speedup | speedup / FLOPs ratio |")
+    print(
+        "| model | ratio | FLOPs dense | FLOPs collapsed | FLOPs ratio | latency dense (ms) "
+        "| latency collapsed (ms) | speedup | speedup / FLOPs ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, kwargs, shape in CASES:
         model = models.get(name, in_shape=shape, **kwargs)
@@ -62,14 +64,34 @@ def main():
                 slim_ms.append(measure.latency_ms(slim, x, repeats=args.repeats)["median"])
             d, s = statistics.median(dense_ms), statistics.median(slim_ms)
             fr = f_dense / f_slim
-            rows.append({"model": name, "input": list(shape), "ratio": ratio, "flops_dense": f_dense,
-                         "flops_collapsed": f_slim, "latency_dense_ms": d, "latency_collapsed_ms": s,
-                         "flops_removed": 1 - f_slim / f_dense})
-            print(f"| {name} | {ratio:g} | {f_dense / 1e6:.2f} M | {f_slim / 1e6:.3f} M | {fr:.1f}x | {d:.2f} | {s:.2f} "
-                  f"| {d / s:.1f}x | {d / s / fr:.2f} |", flush=True)
+            rows.append(
+                {
+                    "model": name,
+                    "input": list(shape),
+                    "ratio": ratio,
+                    "flops_dense": f_dense,
+                    "flops_collapsed": f_slim,
+                    "latency_dense_ms": d,
+                    "latency_collapsed_ms": s,
+                    "flops_removed": 1 - f_slim / f_dense,
+                }
+            )
+            print(
+                f"| {name} | {ratio:g} | {f_dense / 1e6:.2f} M | {f_slim / 1e6:.3f} M | {fr:.1f}x | {d:.2f} | {s:.2f} "
+                f"| {d / s:.1f}x | {d / s / fr:.2f} |",
+                flush=True,
+            )
 
-    write_json(args.out, {"command": " ".join(["python", "benchmarks/bench_collapse_latency.py", *sys.argv[1:]]),
-                          "batch": args.batch, "rounds": args.rounds, "repeats": args.repeats, "rows": rows})
+    write_json(
+        args.out,
+        {
+            "command": " ".join(["python", "benchmarks/bench_collapse_latency.py", *sys.argv[1:]]),
+            "batch": args.batch,
+            "rounds": args.rounds,
+            "repeats": args.repeats,
+            "rows": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -120,16 +120,28 @@ def main() -> None:
                 print(f"round {r + 1}: {n} device(s), {sharding}: {info['ms']:.2f} ms", file=sys.stderr, flush=True)
     ms = {key: statistics.median(v) for key, v in runs.items()}
     spread = max((max(v) / min(v), key) for key, v in runs.items())
-    rows = [{"devices": n, **{f"{sh}_ms": ms[n, sh] for sh in SHARDINGS},
-             **{f"{sh}_rounds_ms": runs[n, sh] for sh in SHARDINGS}} for n in counts]
-    write_json(args.out, {
-        "command": " ".join(["python", "benchmarks/bench_data_parallel.py", *sys.argv[1:]]),
-        "devices": f"{info['platform']} x{','.join(map(str, counts))} (--xla_force_host_platform_device_count)",
-        "steps": args.steps, "rounds": args.rounds, "rows": rows,
-        "widest_spread": {"ratio": spread[0], "devices": spread[1][0], "sharding": spread[1][1]},
-    })
+    rows = [
+        {
+            "devices": n,
+            **{f"{sh}_ms": ms[n, sh] for sh in SHARDINGS},
+            **{f"{sh}_rounds_ms": runs[n, sh] for sh in SHARDINGS},
+        }
+        for n in counts
+    ]
+    write_json(
+        args.out,
+        {
+            "command": " ".join(["python", "benchmarks/bench_data_parallel.py", *sys.argv[1:]]),
+            "devices": f"{info['platform']} x{','.join(map(str, counts))} (--xla_force_host_platform_device_count)",
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "rows": rows,
+            "widest_spread": {"ratio": spread[0], "devices": spread[1][0], "sharding": spread[1][1]},
+        },
+    )
     for row in rows:
         print(f"{row['devices']} device(s): " + ", ".join(f"{sh} {row[sh + '_ms']:.2f} ms" for sh in SHARDINGS))
+
 
 if __name__ == "__main__":
     main()

@@ -51,24 +51,27 @@ def main():
         if a["dense"]["accuracy"] != m["dense"]["accuracy"]:
             print("warning: the two dense models differ", file=sys.stderr)
         epochs = len(a["stages"]) * load_config(args.config).admm.epochs_per_stage + a["retrain"]["epochs"]
-        rows.append({
-            "ratio": ratio,
-            "dense_accuracy": a["dense"]["accuracy"],
-            "admm_accuracy": a["pruned"]["accuracy"],
-            "magnitude_accuracy": m["pruned"]["accuracy"],
-            "params_removed": a["params_removed"],
-            "flops_removed": a["flops_removed"],
-            "epochs_after_dense": epochs,
-            "admm_seconds": a["seconds"],
-            "magnitude_seconds": m["seconds"],
-            "stage_ratios": a["stage_ratios"],
-            "layers": {k: v["kept"] for k, v in a["layers"].items()},
-            "params_dense": a["dense"]["params"],
-            "params_pruned": a["collapsed"]["params"],
-        })
+        rows.append(
+            {
+                "ratio": ratio,
+                "dense_accuracy": a["dense"]["accuracy"],
+                "admm_accuracy": a["pruned"]["accuracy"],
+                "magnitude_accuracy": m["pruned"]["accuracy"],
+                "params_removed": a["params_removed"],
+                "flops_removed": a["flops_removed"],
+                "epochs_after_dense": epochs,
+                "admm_seconds": a["seconds"],
+                "magnitude_seconds": m["seconds"],
+                "stage_ratios": a["stage_ratios"],
+                "layers": {k: v["kept"] for k, v in a["layers"].items()},
+                "params_dense": a["dense"]["params"],
+                "params_pruned": a["collapsed"]["params"],
+            }
+        )
 
     lines = [
-        "| ratio | dense | ADMM | magnitude + fine-tune | params removed | FLOPs removed | epochs after dense | ADMM wall time |",
+        "| ratio | dense | ADMM | magnitude + fine-tune | params removed | FLOPs removed | epochs after dense "
+        "| ADMM wall time |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -79,11 +82,14 @@ def main():
         )
     table = "\n".join(lines)
     print(table)
-    write_json(args.out, {
-        "command": " ".join(["python", "benchmarks/compare_magnitude.py", *sys.argv[1:]]),
-        "rows": rows,
-        "table": table,
-    })
+    write_json(
+        args.out,
+        {
+            "command": " ".join(["python", "benchmarks/compare_magnitude.py", *sys.argv[1:]]),
+            "rows": rows,
+            "table": table,
+        },
+    )
 
 
 if __name__ == "__main__":

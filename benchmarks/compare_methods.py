@@ -38,8 +38,12 @@ CASES = {
     "resnet20-fashion": {
         "ratio": 0.5,
         "overrides": [
-            "model.name=resnet20", "data.name=fashion_mnist", "data.limit=8192", "dense.epochs=3",
-            "retrain.epochs=4", "measure.repeats=10",
+            "model.name=resnet20",
+            "data.name=fashion_mnist",
+            "data.limit=8192",
+            "dense.epochs=3",
+            "retrain.epochs=4",
+            "measure.repeats=10",
         ],
     },
 }
@@ -100,24 +104,29 @@ def main():
     latency = remeasure(args, case, reports)
     rows = []
     for method, r in reports.items():
-        rows.append({
-            "method": method,
-            "dense_accuracy": r["dense"]["accuracy"],
-            "accuracy": r["collapsed"]["accuracy"],
-            "params_removed": r["params_removed"],
-            "flops_removed": r["flops_removed"],
-            "latency_dense_ms": latency["dense"],
-            "latency_collapsed_ms": latency[method],
-            "speedup": latency["dense"] / latency[method],
-            "layers": {k: v["kept"] for k, v in r["layers"].items()},
-            "seconds": r["seconds"],
-        })
+        rows.append(
+            {
+                "method": method,
+                "dense_accuracy": r["dense"]["accuracy"],
+                "accuracy": r["collapsed"]["accuracy"],
+                "params_removed": r["params_removed"],
+                "flops_removed": r["flops_removed"],
+                "latency_dense_ms": latency["dense"],
+                "latency_collapsed_ms": latency[method],
+                "speedup": latency["dense"] / latency[method],
+                "layers": {k: v["kept"] for k, v in r["layers"].items()},
+                "seconds": r["seconds"],
+            }
+        )
     first = next(iter(reports.values()))
-    head = (f"{first['model']} on {first['dataset']}, ratio {case['ratio']:g}; dense accuracy "
-            f"{100 * first['dense']['accuracy']:.2f}%; latency at batch {first['collapsed']['latency_batch']}, "
-            f"dense {latency['dense']:.2f} ms (median of {ROUNDS} interleaved rounds)")
+    head = (
+        f"{first['model']} on {first['dataset']}, ratio {case['ratio']:g}; dense accuracy "
+        f"{100 * first['dense']['accuracy']:.2f}%; latency at batch {first['collapsed']['latency_batch']}, "
+        f"dense {latency['dense']:.2f} ms (median of {ROUNDS} interleaved rounds)"
+    )
     lines = [
-        head, "",
+        head,
+        "",
         "| method | accuracy | params removed | FLOPs removed | collapsed latency | speedup | wall time |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -136,24 +145,40 @@ def main():
         out_dir = os.path.join(args.root, f"{args.case}-analysis")
         if not os.path.exists(out_dir):
             dataset = first["dataset"]
-            subprocess.run([sys.executable, "-m", "admmprune.analyze", dense_dir, "--output", out_dir,
-                            "--ratio", str(case["ratio"]), "--dataset", dataset], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "admmprune.analyze",
+                    dense_dir,
+                    "--output",
+                    out_dir,
+                    "--ratio",
+                    str(case["ratio"]),
+                    "--dataset",
+                    dataset,
+                ],
+                check=True,
+            )
         with open(os.path.join(out_dir, "summary.md")) as f:
             analysis = f.read()
 
-    write_json(args.out or f"benchmarks/results/compare_{args.case}.json", {
-        "command": " ".join(["python", "benchmarks/compare_methods.py", *sys.argv[1:]]),
-        "case": args.case,
-        "model": first["model"],
-        "dataset": first["dataset"],
-        "ratio": case["ratio"],
-        "overrides": [*case["overrides"], *args.overrides],
-        "latency_batch": first["collapsed"]["latency_batch"],
-        "rows": rows,
-        "table": table,
-        "criteria_analysis": analysis,
-        "criteria_figures": None if args.no_analysis else os.path.join(out_dir, "figures"),
-    })
+    write_json(
+        args.out or f"benchmarks/results/compare_{args.case}.json",
+        {
+            "command": " ".join(["python", "benchmarks/compare_methods.py", *sys.argv[1:]]),
+            "case": args.case,
+            "model": first["model"],
+            "dataset": first["dataset"],
+            "ratio": case["ratio"],
+            "overrides": [*case["overrides"], *args.overrides],
+            "latency_batch": first["collapsed"]["latency_batch"],
+            "rows": rows,
+            "table": table,
+            "criteria_analysis": analysis,
+            "criteria_figures": None if args.no_analysis else os.path.join(out_dir, "figures"),
+        },
+    )
 
 
 if __name__ == "__main__":

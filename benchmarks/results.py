@@ -43,9 +43,16 @@ BENCHMARKS = {
     "compare_lenet5-mnist": ["benchmarks/compare_methods.py", "lenet5-mnist"],
     "compare_resnet20-fashion": ["benchmarks/compare_methods.py", "resnet20-fashion"],
     "compare_resnet20-fashion-relaxation-gate-lr-0.05": [
-        "benchmarks/compare_methods.py", "resnet20-fashion", "relaxation.gate_learning_rate=0.05",
-        "--methods", "relaxation", "--root", "runs/methods-gate-lr", "--no-analysis",
-        "--out", "benchmarks/results/compare_resnet20-fashion-relaxation-gate-lr-0.05.json",
+        "benchmarks/compare_methods.py",
+        "resnet20-fashion",
+        "relaxation.gate_learning_rate=0.05",
+        "--methods",
+        "relaxation",
+        "--root",
+        "runs/methods-gate-lr",
+        "--no-analysis",
+        "--out",
+        "benchmarks/results/compare_resnet20-fashion-relaxation-gate-lr-0.05.json",
     ],
     "admm_overhead": ["benchmarks/bench_admm_overhead.py", "--steps", "100", "--rounds", "8"],
     "collapse_latency": ["benchmarks/bench_collapse_latency.py"],
@@ -54,8 +61,12 @@ BENCHMARKS = {
 CASES = ("lenet5-mnist", "resnet20-fashion")
 MODEL_NAMES = {"lenet5": "LeNet-5", "resnet20": "ResNet-20", "mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 METHOD_STYLE = {  # (marker, color) per method, the same in every figure
-    "admm": ("o", "C0"), "magnitude": ("s", "C1"), "l1_mask": ("^", "C2"), "slimming": ("v", "C3"),
-    "relaxation": ("D", "C4"), "group_lasso": ("P", "C5"),
+    "admm": ("o", "C0"),
+    "magnitude": ("s", "C1"),
+    "l1_mask": ("^", "C2"),
+    "slimming": ("v", "C3"),
+    "relaxation": ("D", "C4"),
+    "group_lasso": ("P", "C5"),
 }
 
 
@@ -118,10 +129,20 @@ def headline(res: dict) -> str:
         rows.append([f"**{model}**", f"{r['ratio']:g}", "dense", _pct(dense, 2), "–", "–", "1.0x"])
         for row in _method_rows(res, case):
             acc = _pct(row["accuracy"], 2)
-            rows.append(["", "", row["method"], f"**{acc}**" if row["accuracy"] == best else acc,
-                         _pct(row["params_removed"]), _pct(row["flops_removed"]), f"{row['speedup']:.1f}x"])
-    table = _table(["model / data", "ratio", "method", "accuracy", "params removed", "FLOPs removed",
-                    "speedup (collapsed)"], rows)
+            rows.append(
+                [
+                    "",
+                    "",
+                    row["method"],
+                    f"**{acc}**" if row["accuracy"] == best else acc,
+                    _pct(row["params_removed"]),
+                    _pct(row["flops_removed"]),
+                    f"{row['speedup']:.1f}x",
+                ]
+            )
+    table = _table(
+        ["model / data", "ratio", "method", "accuracy", "params removed", "FLOPs removed", "speedup (collapsed)"], rows
+    )
     return table + "\n\n" + "\n".join(_provenance(res[s], s) for s in sources)
 
 
@@ -131,15 +152,34 @@ def default_runs(res: dict) -> str:
     for row in r["rows"]:
         kept = " / ".join(str(v) for v in row["layers"].values())
         change = 100 * (row["admm_accuracy"] - row["dense_accuracy"])
-        rows.append([
-            f"{row['ratio']:g}", " → ".join(f"{x:g}" for x in row["stage_ratios"]), _pct(row["dense_accuracy"], 2),
-            _pct(row["admm_accuracy"], 2), f"{change:+.2f}",
-            f"{_pct(row['params_removed'])} ({row['params_dense']:,} → {row['params_pruned']:,})",
-            _pct(row["flops_removed"]), kept, f"{row['admm_seconds']:.0f} s",
-        ])
+        rows.append(
+            [
+                f"{row['ratio']:g}",
+                " → ".join(f"{x:g}" for x in row["stage_ratios"]),
+                _pct(row["dense_accuracy"], 2),
+                _pct(row["admm_accuracy"], 2),
+                f"{change:+.2f}",
+                f"{_pct(row['params_removed'])} ({row['params_dense']:,} → {row['params_pruned']:,})",
+                _pct(row["flops_removed"]),
+                kept,
+                f"{row['admm_seconds']:.0f} s",
+            ]
+        )
     names = " / ".join(r["rows"][0]["layers"])
-    table = _table(["`--ratio`", "stages", "dense", "pruned (collapsed)", "change", "params removed",
-                    "FLOPs removed", f"kept {names}", "wall time"], rows)
+    table = _table(
+        [
+            "`--ratio`",
+            "stages",
+            "dense",
+            "pruned (collapsed)",
+            "change",
+            "params removed",
+            "FLOPs removed",
+            f"kept {names}",
+            "wall time",
+        ],
+        rows,
+    )
     return table + "\n\n" + _provenance(r, "compare_magnitude")
 
 
@@ -148,11 +188,19 @@ def admm_vs_magnitude(res: dict) -> str:
     rows = []
     for row in r["rows"]:
         a, m = row["admm_accuracy"], row["magnitude_accuracy"]
-        rows.append([f"{row['ratio']:g}", _pct(row["dense_accuracy"], 2),
-                     f"**{_pct(a, 2)}**" if a > m else _pct(a, 2), f"**{_pct(m, 2)}**" if m > a else _pct(m, 2),
-                     str(row["epochs_after_dense"]), f"{100 * (a - m):+.2f}"])
-    table = _table(["ratio", "dense", "ADMM", "magnitude + fine-tuning", "epochs after dense", "ADMM − magnitude"],
-                   rows)
+        rows.append(
+            [
+                f"{row['ratio']:g}",
+                _pct(row["dense_accuracy"], 2),
+                f"**{_pct(a, 2)}**" if a > m else _pct(a, 2),
+                f"**{_pct(m, 2)}**" if m > a else _pct(m, 2),
+                str(row["epochs_after_dense"]),
+                f"{100 * (a - m):+.2f}",
+            ]
+        )
+    table = _table(
+        ["ratio", "dense", "ADMM", "magnitude + fine-tuning", "epochs after dense", "ADMM − magnitude"], rows
+    )
     return table + "\n\n" + _provenance(r, "compare_magnitude")
 
 
@@ -164,8 +212,12 @@ def methods_table(res: dict, case: str) -> str:
     rows = []
     for row in r["rows"]:
         acc = _pct(row["accuracy"], 2)
-        cells = [row["method"], f"**{acc}**" if row["accuracy"] == best else acc, _pct(row["params_removed"]),
-                 _pct(row["flops_removed"])]
+        cells = [
+            row["method"],
+            f"**{acc}**" if row["accuracy"] == best else acc,
+            _pct(row["params_removed"]),
+            _pct(row["flops_removed"]),
+        ]
         if with_layers:
             cells.append(" / ".join(str(v) for v in row["layers"].values()))
         cells += [f"{row['latency_collapsed_ms']:.2f} ms", f"{row['speedup']:.1f}x", f"{row['seconds']:.0f} s"]
@@ -175,8 +227,10 @@ def methods_table(res: dict, case: str) -> str:
         head.append("kept " + " / ".join(r["rows"][0]["layers"]))
     head += ["collapsed latency", "speedup", "wall time"]
     dense = r["rows"][0]
-    intro = (f"Dense: {_pct(dense['dense_accuracy'], 2)}, {dense['latency_dense_ms']:.2f} ms at batch "
-             f"{r.get('latency_batch', 256)} (latencies: median of interleaved rounds).")
+    intro = (
+        f"Dense: {_pct(dense['dense_accuracy'], 2)}, {dense['latency_dense_ms']:.2f} ms at batch "
+        f"{r.get('latency_batch', 256)} (latencies: median of interleaved rounds)."
+    )
     return intro + "\n\n" + _table(head, rows) + "\n\n" + _provenance(r, name)
 
 
@@ -186,10 +240,16 @@ def admm_overhead(res: dict) -> str:
     for row in r["rows"]:
         lo, hi = min(row["round_ratios"]), max(row["round_ratios"])
         label = {100: "100 (library default)", 20: "20 (pipeline default)"}.get(row["interval"], str(row["interval"]))
-        rows.append([label, f"{row['plain_ms']:.2f} ms", f"{row['admm_ms']:.2f} ms", f"{row['ratio']:.3f}",
-                     f"{lo:.2f} – {hi:.2f}"])
-    table = _table(["dual-update interval", "plain step", "step with `admm`", "median ratio", "per-round ratios"],
-                   rows)
+        rows.append(
+            [
+                label,
+                f"{row['plain_ms']:.2f} ms",
+                f"{row['admm_ms']:.2f} ms",
+                f"{row['ratio']:.3f}",
+                f"{lo:.2f} – {hi:.2f}",
+            ]
+        )
+    table = _table(["dual-update interval", "plain step", "step with `admm`", "median ratio", "per-round ratios"], rows)
     return table + "\n\n" + _provenance(r, "admm_overhead")
 
 
@@ -200,11 +260,22 @@ def collapse_latency(res: dict) -> str:
         fr = row["flops_dense"] / row["flops_collapsed"]
         sp = row["latency_dense_ms"] / row["latency_collapsed_ms"]
         shape = "x".join(map(str, row["input"]))
-        rows.append([f"{MODEL_NAMES.get(row['model'], row['model'])} ({shape})", f"{row['ratio']:g}",
-                     _pct(row["flops_removed"]), f"{fr:.1f}x", f"{row['latency_dense_ms']:.2f} ms",
-                     f"{row['latency_collapsed_ms']:.2f} ms", f"{sp:.1f}x", f"{sp / fr:.2f}"])
-    table = _table(["model", "ratio", "FLOPs removed", "FLOPs ratio", "dense", "collapsed", "speedup",
-                    "speedup / FLOPs ratio"], rows)
+        rows.append(
+            [
+                f"{MODEL_NAMES.get(row['model'], row['model'])} ({shape})",
+                f"{row['ratio']:g}",
+                _pct(row["flops_removed"]),
+                f"{fr:.1f}x",
+                f"{row['latency_dense_ms']:.2f} ms",
+                f"{row['latency_collapsed_ms']:.2f} ms",
+                f"{sp:.1f}x",
+                f"{sp / fr:.2f}",
+            ]
+        )
+    table = _table(
+        ["model", "ratio", "FLOPs removed", "FLOPs ratio", "dense", "collapsed", "speedup", "speedup / FLOPs ratio"],
+        rows,
+    )
     return table + "\n\n" + _provenance(r, "collapse_latency")
 
 
@@ -219,16 +290,23 @@ def data_parallel(res: dict) -> str:
         rows.append(cells)
     table = _table(["devices", "replicated: ms/step", "ratio vs 1", "fsdp: ms/step", "ratio vs 1"], rows)
     s = r["widest_spread"]
-    note = (f"Median step time over {r['rounds']} rounds of {r['steps']} steps; the widest spread between the "
-            f"rounds of one case was {s['ratio']:.2f}x ({s['devices']} devices, {s['sharding']}).")
+    note = (
+        f"Median step time over {r['rounds']} rounds of {r['steps']} steps; the widest spread between the "
+        f"rounds of one case was {s['ratio']:.2f}x ({s['devices']} devices, {s['sharding']})."
+    )
     return table + "\n\n" + note + "\n\n" + _provenance(r, "data_parallel")
 
 
 def blocks(res: dict) -> dict[str, str]:
     """Every marked block's markdown, by name."""
-    out = {"headline": headline(res), "default_runs": default_runs(res), "admm_vs_magnitude": admm_vs_magnitude(res),
-           "admm_overhead": admm_overhead(res), "collapse_latency": collapse_latency(res),
-           "data_parallel": data_parallel(res)}
+    out = {
+        "headline": headline(res),
+        "default_runs": default_runs(res),
+        "admm_vs_magnitude": admm_vs_magnitude(res),
+        "admm_overhead": admm_overhead(res),
+        "collapse_latency": collapse_latency(res),
+        "data_parallel": data_parallel(res),
+    }
     for case in CASES:
         out[f"methods_{case}"] = methods_table(res, case)
     return out
@@ -255,13 +333,20 @@ def figures(res: dict, out_dir: str = FIGURES) -> list[str]:
         written.append(name)
 
     fig, axes = plt.subplots(1, len(CASES), figsize=(10, 3.6))
-    for ax, case in zip(axes, CASES):
+    for ax, case in zip(axes, CASES, strict=True):
         r = res[f"compare_{case}"]
         ax.axhline(100 * r["rows"][0]["dense_accuracy"], color="gray", ls="--", lw=1, label="dense")
         for row in _method_rows(res, case):
             marker, color = METHOD_STYLE.get(row["method"].split(",")[0], ("x", "k"))
-            ax.scatter(100 * row["flops_removed"], 100 * row["accuracy"], marker=marker, color=color, s=40,
-                       facecolors="none" if "," in row["method"] else color, label=row["method"])
+            ax.scatter(
+                100 * row["flops_removed"],
+                100 * row["accuracy"],
+                marker=marker,
+                color=color,
+                s=40,
+                facecolors="none" if "," in row["method"] else color,
+                label=row["method"],
+            )
         ax.set_title(f"{MODEL_NAMES.get(r['model'])} / {MODEL_NAMES.get(r['dataset'])}, ratio {r['ratio']:g}")
         ax.set_xlabel("FLOPs removed (%)")
         ax.set_ylabel("test accuracy (%)")
@@ -363,21 +448,47 @@ def results_page(res: dict, b: dict[str, str]) -> str:
     ]
     for case in CASES:
         r = res[f"compare_{case}"]
-        parts += [f"### {MODEL_NAMES.get(r['model'])} on {MODEL_NAMES.get(r['dataset'])}, ratio {r['ratio']:g}", "",
-                  b[f"methods_{case}"], ""]
+        parts += [
+            f"### {MODEL_NAMES.get(r['model'])} on {MODEL_NAMES.get(r['dataset'])}, ratio {r['ratio']:g}",
+            "",
+            b[f"methods_{case}"],
+            "",
+        ]
         if r.get("overrides"):
             parts += ["Config overrides: " + ", ".join(f"`{o}`" for o in r["overrides"]) + ".", ""]
-    parts += ["## The default run and ADMM against magnitude pruning", "", b["default_runs"], "",
-              b["admm_vs_magnitude"], "",
-              "![ADMM against one-shot magnitude pruning](figures/admm_vs_magnitude.png)", "",
-              "## What the collapse buys", "", b["collapse_latency"], "",
-              "![Measured speedup against FLOPs ratio](figures/collapse_latency.png)", "",
-              "## ADMM's cost in the train step", "", b["admm_overhead"], "",
-              "## Data parallelism", "", b["data_parallel"], "",
-              "![Throughput ratio against devices](figures/data_parallel.png)", ""]
+    parts += [
+        "## The default run and ADMM against magnitude pruning",
+        "",
+        b["default_runs"],
+        "",
+        b["admm_vs_magnitude"],
+        "",
+        "![ADMM against one-shot magnitude pruning](figures/admm_vs_magnitude.png)",
+        "",
+        "## What the collapse buys",
+        "",
+        b["collapse_latency"],
+        "",
+        "![Measured speedup against FLOPs ratio](figures/collapse_latency.png)",
+        "",
+        "## ADMM's cost in the train step",
+        "",
+        b["admm_overhead"],
+        "",
+        "## Data parallelism",
+        "",
+        b["data_parallel"],
+        "",
+        "![Throughput ratio against devices](figures/data_parallel.png)",
+        "",
+    ]
     if criteria:
-        parts += ["## Pruning criteria of the dense models", "",
-                  "Rank correlations between criteria per channel group (`python -m admmprune.analyze`).", ""]
+        parts += [
+            "## Pruning criteria of the dense models",
+            "",
+            "Rank correlations between criteria per channel group (`python -m admmprune.analyze`).",
+            "",
+        ]
         parts += [f"![{n}](figures/{n})" for n in criteria] + [""]
     return "\n".join(parts)
 
@@ -387,6 +498,7 @@ _MARK = re.compile(r"(<!-- results:([\w.-]+) -->\n)(.*?)(<!-- /results:\2 -->)",
 
 def fill(text: str, b: dict[str, str]) -> str:
     """Replaces every marked block of ``text`` with its rendering; an unknown name is an error."""
+
     def sub(m):
         if m.group(2) not in b:
             raise KeyError(f"no results block named {m.group(2)!r} (known: {', '.join(sorted(b))})")

@@ -54,12 +54,16 @@ def test_penalty_gradient_matches_autodiff():
     def penalty(w):
         terms = jax.tree.map(
             lambda s, w, z, u: 0.0 if s is None else 0.37 / 2 * jnp.sum((w - z + u) ** 2),
-            SPECS, w, state.z, state.u, is_leaf=lambda x: x is None or isinstance(x, ap.sparsity.SPEC_TYPES),
+            SPECS,
+            w,
+            state.z,
+            state.u,
+            is_leaf=lambda x: x is None or isinstance(x, ap.sparsity.SPEC_TYPES),
         )
         return sum(jax.tree.leaves(terms))
 
     expected = jax.grad(penalty)(params)
-    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert updates["out"]["bias"].shape == (2,) and float(jnp.abs(updates["out"]["bias"]).max()) == 0.0
     # The step ran (its count moved) and, off the interval, left z as it was.
@@ -75,10 +79,14 @@ def test_z_and_u_update_only_on_their_interval():
     _, _, hist = run_steps(tx, params, state, 10, grads_fn=lambda p: jax.tree.map(jnp.cos, p))
     prev = state[0]
     changed = []
-    for i, (_, s) in enumerate(hist):
+    for _, s in hist:
         s = s[0]
-        z_changed = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s.z), jax.tree.leaves(prev.z)))
-        u_changed = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s.u), jax.tree.leaves(prev.u)))
+        z_changed = any(
+            not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s.z), jax.tree.leaves(prev.z), strict=True)
+        )
+        u_changed = any(
+            not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s.u), jax.tree.leaves(prev.u), strict=True)
+        )
         assert z_changed == u_changed
         changed.append(z_changed)
         prev = s

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from admmprune import data
-from admmprune import UserError
+from admmprune import UserError, data
 from admmprune.checkpoint import Checkpointer, Restored
 
 

@@ -27,9 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import admmprune as ap
-from admmprune import models
-from admmprune import UserError
-from admmprune import path_str
+from admmprune import UserError, models, path_str
 from admmprune.collapse import alive_channels, collapse, consistent_masks, masked, slice_channels
 from admmprune.discovery import discover, discover_nnx
 from admmprune.projections import coupled_groups, expand_groups, num_kept
@@ -81,7 +79,7 @@ def group_masks(specs, params, keep):
     flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     leaves = treedef.flatten_up_to(params)
     out = []
-    for spec, x in zip(flat_specs, leaves):
+    for spec, x in zip(flat_specs, leaves, strict=True):
         if spec is None:
             out.append(None)
             continue
@@ -123,7 +121,7 @@ def assert_unchanged(model, snap):
     assert nnx.graphdef(model) == graphdef
     now = jax.tree.leaves(nnx.state(model))
     assert len(now) == len(leaves)
-    for a, b in zip(now, leaves):
+    for a, b in zip(now, leaves, strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
@@ -278,7 +276,9 @@ def test_the_structural_copy_equals_the_rebuilt_model():
     np.testing.assert_array_equal(np.asarray(rebuilt(x)), np.asarray(copied(x)))
     # Masks that agree within every group need no specs to build the reference.
     for a, b in zip(
-        jax.tree.leaves(nnx.state(masked(model, masks))), jax.tree.leaves(nnx.state(masked(model, masks, found)))
+        jax.tree.leaves(nnx.state(masked(model, masks))),
+        jax.tree.leaves(nnx.state(masked(model, masks, found))),
+        strict=True,
     ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -291,8 +291,12 @@ def test_the_structural_copy_equals_the_rebuilt_model():
         # A bottleneck whose conv1 keeps nothing: conv3 reads the constant relu(bn2(0)).
         ("resnet50", scaled("resnet50", 16, **CIFAR), ["stage2/block1/conv1"], ["conv1", "bn1", "conv2"]),
         # A bottleneck whose conv2 keeps nothing: conv1's channels feed nothing, so they go too.
-        ("resnet50", scaled("resnet50", 16, **CIFAR), ["stage2/block1/conv2"],
-         ["conv1", "bn1", "conv2", "bn2", "conv3"]),
+        (
+            "resnet50",
+            scaled("resnet50", 16, **CIFAR),
+            ["stage2/block1/conv2"],
+            ["conv1", "bn1", "conv2", "bn2", "conv3"],
+        ),
     ],
     ids=["basic", "bottleneck-conv1", "bottleneck-conv2"],
 )
@@ -514,8 +518,9 @@ def test_slice_channels_collapses_linen_variables_to_the_masked_model():
     variables = model.init(jax.random.key(0), x)
     # Running statistics away from 0/1, so that slicing the wrong entries shows.
     keys = iter(jax.random.split(jax.random.key(2), 8))
-    stats = jax.tree.map(lambda v: jax.random.uniform(next(keys), v.shape, minval=0.5, maxval=1.5),
-                         variables["batch_stats"])
+    stats = jax.tree.map(
+        lambda v: jax.random.uniform(next(keys), v.shape, minval=0.5, maxval=1.5), variables["batch_stats"]
+    )
     found = discover(model.apply, {**variables, "batch_stats": stats}, x)
     pruned, masks = ap.hard_prune(variables["params"], found.specs["params"], 0.5)
     masked_vars = {"params": pruned, "batch_stats": stats}

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from admmprune import collapse, criteria, discovery, graph, masking, models
+from admmprune import collapse, criteria, discovery, graph, masking, models, path_str
 from admmprune import projections as P
-from admmprune import path_str
 from admmprune.core.groups import channel_groups
 from admmprune.sparsity import Channel, Coupled, Filter, Unstructured
 
@@ -119,7 +118,9 @@ def channel_sets(masks, params, specs):
     for i, m in enumerate(rebuilt):
         if m is not None:
             np.testing.assert_array_equal(flat[i], m, err_msg=groups.paths[i])
-    return {g.name: [frozenset(np.flatnonzero(a).tolist()) for a in kept] for g, kept in zip(groups, alive, strict=True)}
+    return {
+        g.name: [frozenset(np.flatnonzero(a).tolist()) for a in kept] for g, kept in zip(groups, alive, strict=True)
+    }
 
 
 @pytest.mark.parametrize(
@@ -145,7 +146,7 @@ def test_l2_selection_is_hard_prune(resnet):
     masks = criteria.select(criteria.scores(params, specs, "l2"), specs, params, 0.3)
     _, expected = jax.jit(lambda p: masking.hard_prune(p, specs, 0.3))(params)
     assert jax.tree.structure(masks) == jax.tree.structure(expected)
-    for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(expected)):
+    for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -294,7 +295,9 @@ def test_jit_equals_eager(lenet):
     eager = criteria.scores(params, specs, "lamp")
     for name in s:
         np.testing.assert_allclose(s[name], eager[name], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(m), jax.tree.leaves(criteria.select(eager, specs, params, 0.5, scope="global"))):
+    for a, b in zip(
+        jax.tree.leaves(m), jax.tree.leaves(criteria.select(eager, specs, params, 0.5, scope="global")), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
     # a new ratio is a new value, not a new program
     masks_of(params, 0.25)

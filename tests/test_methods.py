@@ -28,8 +28,11 @@ def test_every_method_trains_for_the_same_epochs_after_the_dense_phase():
 LAYERWISE = {"conv1": {"kept": 2, "total": 20}, "conv2": {"kept": 5, "total": 50}, "fc1": {"kept": 50, "total": 500}}
 CASES = [
     # Iterative, by LAMP scores ranked globally (one-shot takes the same prune path as the other methods).
-    ("magnitude", ["--config.magnitude.iterative=True", "--config.prune.criterion=lamp",
-                   "--config.prune.scope=global"], None),
+    (
+        "magnitude",
+        ["--config.magnitude.iterative=True", "--config.prune.criterion=lamp", "--config.prune.scope=global"],
+        None,
+    ),
     ("l1_mask", [], LAYERWISE),
     ("slimming", [], LAYERWISE),  # LeNet-5 has no BatchNorm: gates stand in for its scales
     ("group_lasso", [], LAYERWISE),
@@ -121,8 +124,15 @@ def test_bad_method_settings_exit_2_without_claiming_the_workdir(args, message, 
 def test_a_criterion_that_does_not_apply_is_refused_before_training(tmp_path, data_dir):
     # LeNet-5 has no BatchNorm scales to rank by.
     workdir = tmp_path / "run"
-    result = cli("--workdir", str(workdir), "--method", "magnitude", "--config.prune.criterion=bn_scale",
-                 data_dir=data_dir, timeout=120)
+    result = cli(
+        "--workdir",
+        str(workdir),
+        "--method",
+        "magnitude",
+        "--config.prune.criterion=bn_scale",
+        data_dir=data_dir,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stderr
     assert "bn_scale needs normalization layers" in result.stderr and "Traceback" not in result.stderr
     assert not workdir.exists()

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from admmprune import models
-from admmprune import UserError
+from admmprune import UserError, models
 from admmprune.models.layers import max_pool_2x2
 
 

@@ -58,7 +58,10 @@ def test_notebook_runs_on_the_smoke_config(path, tmp_path):
     nb.cells.insert(at + 1, injected)
     client = nbclient.NotebookClient(
         # "python3" is ipykernel's spec for this interpreter (the venv's) unless a user installed another.
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}},
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(ROOT / "notebooks")}},
     )
     client.execute()
     errors = [o for c in _code_cells(nb) for o in c.get("outputs", []) if o.output_type == "error"]

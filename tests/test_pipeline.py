@@ -141,8 +141,20 @@ def test_stop_after_dense_saves_the_dense_model(smoke_run, tmp_path, data_dir):
     # The saved dense model is the trained one: its accuracy on the eval slice is the report's.
     info = data.dataset_info("mnist", data_dir)
     source = data.load_source("mnist", "test[:512]", data_dir)
-    batch = next(iter(data.make_loader(source, batch_size=512, seed=0, shuffle=False, drop_remainder=False,
-                                       normalize=(info.mean, info.std), shard_index=0, shard_count=1)))
+    batch = next(
+        iter(
+            data.make_loader(
+                source,
+                batch_size=512,
+                seed=0,
+                shuffle=False,
+                drop_remainder=False,
+                normalize=(info.mean, info.std),
+                shard_index=0,
+                shard_count=1,
+            )
+        )
+    )
     dense.eval()
     accuracy = float(np.mean(np.asarray(dense(batch["image"]).argmax(-1)) == batch["label"]))
     assert accuracy == pytest.approx(partial["dense"]["accuracy"], abs=1e-6)
@@ -184,8 +196,9 @@ def test_bad_arguments(args, message, capsys, tmp_path):
 def test_unknown_dataset_fails_fast_without_claiming_the_workdir(capsys, tmp_path, data_dir):
     workdir = tmp_path / "w"
     t0 = time.perf_counter()
-    code, err = run_main(["--config.data.name=no_such_dataset", f"--config.data.data_dir={data_dir}",
-                          "--workdir", str(workdir)], capsys)
+    code, err = run_main(
+        ["--config.data.name=no_such_dataset", f"--config.data.data_dir={data_dir}", "--workdir", str(workdir)], capsys
+    )
     assert code == 2 and "no_such_dataset" in err
     assert time.perf_counter() - t0 < 10
     assert not workdir.exists()
@@ -231,9 +244,17 @@ def test_a_zoo_model_with_batchnorm_and_residuals_runs_through_the_cli(tmp_path,
     """ResNet-20: groups discovered from the traced program, collapsed at the end."""
     workdir = str(tmp_path / "run")
     result = cli(
-        "--workdir", workdir, "--ratio", "0.5", "--config.model.name=resnet20",
-        "--config.data.limit=256", "--config.data.eval_limit=128", "--config.data.batch_size=32",
-        "--config.dense.epochs=1", "--config.measure.batch_size=16", "--config.measure.repeats=2",
+        "--workdir",
+        workdir,
+        "--ratio",
+        "0.5",
+        "--config.model.name=resnet20",
+        "--config.data.limit=256",
+        "--config.data.eval_limit=128",
+        "--config.data.batch_size=32",
+        "--config.dense.epochs=1",
+        "--config.measure.batch_size=16",
+        "--config.measure.repeats=2",
         data_dir=data_dir,
     )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -153,7 +153,7 @@ def test_channel_repeat_matches_flattened_feature_map():
 
 def brute_force_joint(leaves, members, keep_ratio):
     channels = P.num_groups(leaves[0].shape, members[0])
-    scores = sum(np.asarray(P.group_scores(x, s), np.float64) for x, s in zip(leaves, members))
+    scores = sum(np.asarray(P.group_scores(x, s), np.float64) for x, s in zip(leaves, members, strict=True))
     k = int(P.num_kept(channels, keep_ratio))
     best = max(sum(scores[list(c)]) for c in itertools.combinations(range(channels), k))
     return scores.sum() - best
@@ -164,7 +164,10 @@ def brute_force_joint(leaves, members, keep_ratio):
 def test_coupled_group_projection_is_exact(seed, channels, keep):
     rng = np.random.default_rng(seed)
     tree = {
-        "a": {"kernel": rng.normal(size=(3, channels)).astype(np.float32), "bias": rng.normal(size=channels).astype(np.float32)},
+        "a": {
+            "kernel": rng.normal(size=(3, channels)).astype(np.float32),
+            "bias": rng.normal(size=channels).astype(np.float32),
+        },
         "b": {"kernel": rng.normal(size=(channels * 2, 3)).astype(np.float32), "bias": np.zeros(3, np.float32)},
     }
     specs = {
@@ -183,7 +186,7 @@ def test_coupled_group_projection_is_exact(seed, channels, keep):
     members = [Filter(), Filter(), Channel(repeat=2)]
     dist = sum(
         float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
-        for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(out))
+        for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(out), strict=True)
     )
     assert dist == pytest.approx(brute_force_joint(leaves, members, keep), rel=1e-5, abs=1e-5)
 
@@ -294,9 +297,17 @@ def test_channel_slice_must_fit():
             validate(spec, (3, 4, 5))
 
 
-@pytest.mark.parametrize("channels,keep,round_to,expected", [
-    (64, 0.5, 8, 32), (64, 0.3, 8, 16), (64, 0.05, 8, 8), (20, 0.1, 8, 8), (6, 0.5, 8, 6), (300, 0.5, 128, 128),
-])
+@pytest.mark.parametrize(
+    "channels,keep,round_to,expected",
+    [
+        (64, 0.5, 8, 32),
+        (64, 0.3, 8, 16),
+        (64, 0.05, 8, 8),
+        (20, 0.1, 8, 8),
+        (6, 0.5, 8, 6),
+        (300, 0.5, 128, 128),
+    ],
+)
 def test_round_to_keeps_hardware_friendly_widths(channels, keep, round_to, expected):
     assert int(P.num_kept(channels, keep, round_to)) == expected
     tree = [jax.random.normal(jax.random.key(channels), (3, channels)), jnp.ones((channels, 2))]

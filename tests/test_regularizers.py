@@ -9,8 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from admmprune import discovery, graph, models, regularizers
-from admmprune import path_str
+from admmprune import discovery, graph, models, path_str, regularizers
 from admmprune.projections import coupled_groups, to_groups
 from admmprune.sparsity import Block, Filter, NofM, Unstructured, is_spec
 

@@ -41,8 +41,10 @@ def test_relaxation_prunes_and_collapses_a_unet_for_segmentation():
 
     penalty = methods.penalty(config, macs_model, target)
     logits = methods.init_gates(config, params, specs)
-    tx = optax.multi_transform({"w": optax.sgd(0.05), "g": optax.adam(config.relaxation.gate_learning_rate)},
-                               lambda t: (jax.tree.map(lambda _: "w", t[0]), jax.tree.map(lambda _: "g", t[1])))
+    tx = optax.multi_transform(
+        {"w": optax.sgd(0.05), "g": optax.adam(config.relaxation.gate_learning_rate)},
+        lambda t: (jax.tree.map(lambda _: "w", t[0]), jax.tree.map(lambda _: "g", t[1])),
+    )
     state = tx.init((params, logits))
 
     @jax.jit

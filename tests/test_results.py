@@ -51,16 +51,26 @@ def test_fill_replaces_only_marked_blocks_and_is_idempotent():
     text = "intro\n<!-- results:a -->\nold\n<!-- /results:a -->\nmiddle\n<!-- results:b -->\n<!-- /results:b -->\nend\n"
     blocks = {"a": "| x |", "b": "B"}
     once = results.fill(text, blocks)
-    assert once == "intro\n<!-- results:a -->\n| x |\n<!-- /results:a -->\nmiddle\n<!-- results:b -->\nB\n" \
-                   "<!-- /results:b -->\nend\n"
+    assert (
+        once == "intro\n<!-- results:a -->\n| x |\n<!-- /results:a -->\nmiddle\n<!-- results:b -->\nB\n"
+        "<!-- /results:b -->\nend\n"
+    )
     assert results.fill(once, blocks) == once
     with pytest.raises(KeyError, match="no results block named 'c'"):
         results.fill("<!-- results:c -->\n<!-- /results:c -->", blocks)
 
 
 def test_provenance_names_command_machine_and_date():
-    line = results._provenance({"machine": "x86_64, 2 cores", "date": "2026-11-22", "jax": "0.10.2",
-                                "command": "python benchmarks/x.py --a 1", "load_average": 3.5}, "x")
+    line = results._provenance(
+        {
+            "machine": "x86_64, 2 cores",
+            "date": "2026-11-22",
+            "jax": "0.10.2",
+            "command": "python benchmarks/x.py --a 1",
+            "load_average": 3.5,
+        },
+        "x",
+    )
     assert "python benchmarks/x.py --a 1" in line and "2026-11-22" in line and "x86_64, 2 cores" in line
     assert "jax 0.10.2" in line and "3.5" in line
 

@@ -71,7 +71,13 @@ def test_plan_lists_every_parameter():
 
 @pytest.mark.parametrize(
     "target,expected",
-    [(0.9, (0.5, 0.75, 0.9)), (0.7, (0.5, 0.7)), (0.5, (0.5,)), (0.3, (0.3,)), (0.99, (0.5, 0.75, 0.875, 0.9375, 0.99))],
+    [
+        (0.9, (0.5, 0.75, 0.9)),
+        (0.7, (0.5, 0.7)),
+        (0.5, (0.5,)),
+        (0.3, (0.3,)),
+        (0.99, (0.5, 0.75, 0.875, 0.9375, 0.99)),
+    ],
 )
 def test_default_stages(target, expected):
     assert ap.stage_ratios(target) == pytest.approx(expected)

@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from admmprune import models
-from admmprune import UserError
+from admmprune import UserError, models
 from admmprune.models.resnet import max_pool_3x3_s2
 
 ZOO = (

@@ -68,7 +68,7 @@ def _scalar_tree(value: Any, specs: Specs, name: str) -> Scalars:
     flat_specs, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     values = per_leaf(value, treedef, len(flat_specs))
     out = []
-    for spec, v in zip(flat_specs, values):
+    for spec, v in zip(flat_specs, values, strict=True):
         if spec is None:
             out.append(None)
             continue
@@ -80,9 +80,7 @@ def _scalar_tree(value: Any, specs: Specs, name: str) -> Scalars:
 
 def _map(fn, specs, *trees):
     """Maps ``fn`` over the pruned leaves; ``None`` where ``specs`` is ``None``."""
-    return jax.tree.map(
-        lambda s, *xs: None if s is None else fn(*xs), specs, *trees, is_leaf=is_spec
-    )
+    return jax.tree.map(lambda s, *xs: None if s is None else fn(*xs), specs, *trees, is_leaf=is_spec)
 
 
 def _norm(x: jax.Array) -> jax.Array:
@@ -162,9 +160,7 @@ def admm(
     def update_fn(updates, state: AdmmState, params: Params | None = None, **extra_args):
         del extra_args
         if params is None:
-            raise ValueError(
-                "admm needs the current parameters: call update(grads, state, params)"
-            )
+            raise ValueError("admm needs the current parameters: call update(grads, state, params)")
         due = (state.count > 0) & (state.count % interval == 0)
         state = jax.lax.cond(due, dual_update, lambda p, s: s, params, state)
         updates = jax.tree.map(
@@ -232,7 +228,7 @@ def set_stage(opt_state: Any, keep_ratio: float | Scalars, *, rho: float | Scala
             flat, treedef = jax.tree.flatten(old, is_leaf=is_none)
             values = per_leaf(value, treedef, len(flat))
             return treedef.unflatten(
-                [None if o is None else jnp.asarray(v, o.dtype) for o, v in zip(flat, values)]
+                [None if o is None else jnp.asarray(v, o.dtype) for o, v in zip(flat, values, strict=True)]
             )
 
         support = jax.tree.map(

@@ -67,9 +67,9 @@ def to_groups(x: jax.Array, spec: Spec) -> jax.Array:
         return x.reshape(-1, shape[-1])
     if isinstance(spec, Block):
         sizes = spec.block_sizes(shape)
-        padded = [-(-n // b) * b for n, b in zip(shape, sizes)]
-        y = jnp.pad(x, [(0, p - n) for p, n in zip(padded, shape)])
-        split = [d for p, b in zip(padded, sizes) for d in (p // b, b)]
+        padded = [-(-n // b) * b for n, b in zip(shape, sizes, strict=True)]
+        y = jnp.pad(x, [(0, p - n) for p, n in zip(padded, shape, strict=True)])
+        split = [d for p, b in zip(padded, sizes, strict=True) for d in (p // b, b)]
         y = y.reshape(split)
         nd = len(shape)
         y = y.transpose([2 * i for i in range(nd)] + [2 * i + 1 for i in range(nd)])
@@ -96,11 +96,11 @@ def from_groups(g: jax.Array, spec: Spec, shape: Sequence[int]) -> jax.Array:
         return jnp.moveaxis(y, 0, axis)
     if isinstance(spec, Block):
         sizes = spec.block_sizes(shape)
-        counts = [-(-n // b) for n, b in zip(shape, sizes)]
+        counts = [-(-n // b) for n, b in zip(shape, sizes, strict=True)]
         nd = len(shape)
         y = g.reshape(counts + sizes)
         y = y.transpose([i // 2 + (nd if i % 2 else 0) for i in range(2 * nd)])
-        y = y.reshape([c * b for c, b in zip(counts, sizes)])
+        y = y.reshape([c * b for c, b in zip(counts, sizes, strict=True)])
         return y[tuple(slice(0, n) for n in shape)]
     raise TypeError(f"{spec!r} has no groups")
 
@@ -152,9 +152,7 @@ def num_kept(num_groups: int, keep_ratio: ArrayLike, round_to: int = 1) -> jax.A
     return jnp.clip(k, 1, num_groups).astype(jnp.int32)
 
 
-def top_k_groups(
-    scores: jax.Array, k: ArrayLike, alive: jax.Array | None = None
-) -> jax.Array:
+def top_k_groups(scores: jax.Array, k: ArrayLike, alive: jax.Array | None = None) -> jax.Array:
     """Boolean ``(G,)``: the ``k`` highest scores, ties to the lower index.
 
     Args:

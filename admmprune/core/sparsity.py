@@ -188,9 +188,7 @@ class Coupled:
     specs: tuple[Filter | Channel, ...]
 
     def __post_init__(self):
-        if not self.specs or not all(
-            isinstance(s, (Filter, Channel)) and s.group is not None for s in self.specs
-        ):
+        if not self.specs or not all(isinstance(s, (Filter, Channel)) and s.group is not None for s in self.specs):
             raise ValueError("Coupled takes Filter/Channel specs that each name a group")
 
 
@@ -317,7 +315,7 @@ def format_plan(params: Params, specs: Specs) -> str:
             groups = str(spec.num_groups(shape))
         rows.append((name, "x".join(map(str, shape)) or "()", "not pruned" if spec is None else repr(spec), groups))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 __all__ = [

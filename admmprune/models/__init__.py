@@ -106,9 +106,7 @@ def name_of(model: nnx.Module) -> str:
     for name, cls in _REGISTRY.items():
         if type(model) is cls:
             return name
-    raise UserError(
-        f"{type(model).__name__} is not a registered model; valid names: {', '.join(names())}"
-    )
+    raise UserError(f"{type(model).__name__} is not a registered model; valid names: {', '.join(names())}")
 
 
 def apply_fn(model: nnx.Module) -> tuple[Callable[[nnx.State, jax.Array], jax.Array], nnx.State]:

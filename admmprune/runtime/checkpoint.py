@@ -107,9 +107,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             **multiprocessing,
         )
-        self._manager = ocp.CheckpointManager(
-            self._directory, options=options, item_names=(_STATE, _DATA, _META)
-        )
+        self._manager = ocp.CheckpointManager(self._directory, options=options, item_names=(_STATE, _DATA, _META))
 
     @property
     def directory(self) -> str:
@@ -170,13 +168,9 @@ class Checkpointer:
         if step is None:
             step = self._manager.latest_step()
             if step is None:
-                raise UserError(
-                    f"no checkpoint in {self._directory}: train first or pick a workdir"
-                )
+                raise UserError(f"no checkpoint in {self._directory}: train first or pick a workdir")
         elif step not in self._manager.all_steps():
-            raise UserError(
-                f"no checkpoint step {step} in {self._directory}; steps there: {self.all_steps()}"
-            )
+            raise UserError(f"no checkpoint step {step} in {self._directory}; steps there: {self.all_steps()}")
         return step
 
     def restore_metadata(self, step: int | None = None) -> dict[str, Any]:
@@ -192,9 +186,7 @@ class Checkpointer:
             UserError: there is no such step.
         """
         step = self._step(step)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()})
-        )
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
         return restored[_META]
 
     def restore(self, target: Any, step: int | None = None) -> Restored:

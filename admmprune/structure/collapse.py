@@ -71,9 +71,9 @@ from flax import nnx
 from admmprune import models
 from admmprune._errors import UserError
 from admmprune._types import Masks, Specs, path_str
-from admmprune.structure.discovery import Discovery
 from admmprune.core.groups import channel_groups, memberships
 from admmprune.core.sparsity import is_spec
+from admmprune.structure.discovery import Discovery
 
 #: Module attributes that say train or eval mode; copied onto the collapsed model.
 _MODE_FLAGS = ("use_running_average", "deterministic")
@@ -138,7 +138,7 @@ def _zeroed(params: Any, specs: Specs, masks: Masks) -> Any:
     _, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
     leaves = treedef.flatten_up_to(params)
     flat_masks = treedef.flatten_up_to(consistent_masks(specs, masks))
-    out = [x if m is None else _where(m, x) for x, m in zip(leaves, flat_masks)]
+    out = [x if m is None else _where(m, x) for x, m in zip(leaves, flat_masks, strict=True)]
     return treedef.unflatten(out)
 
 

@@ -42,9 +42,9 @@ import numpy as np
 from flax import nnx
 
 from admmprune._types import Specs, path_str
-from admmprune.structure.measure import _as_function
 from admmprune.core.groups import memberships
 from admmprune.core.sparsity import is_spec
+from admmprune.structure.measure import _as_function
 
 __all__ = ["gated_macs", "layer_macs"]
 

@@ -240,7 +240,9 @@ def _flat_grads(groups: ChannelGroups, params: Params, grads: Any) -> list[list[
             leaves = _used(groups, groups.flatten(g))
         except (ValueError, TypeError):
             leaves = None
-        if leaves is None or any(a is not None and np.shape(a) != x for a, x in zip(leaves, groups.shapes, strict=True)):
+        if leaves is None or any(
+            a is not None and np.shape(a) != x for a, x in zip(leaves, groups.shapes, strict=True)
+        ):
             raise ValueError("every gradient tree in grads must have the shapes of params")
         out.append(leaves)
     return out
@@ -328,7 +330,10 @@ def _select_jit(groups: ChannelGroups, scope: str, round_to: int, s: list[jax.Ar
     if scope == "global":
         keeps = _global_keep(s, keep_ratio)
         if round_to > 1:
-            keeps = [top_k_groups(x, num_kept(x.shape[0], jnp.sum(k) / k.shape[0], round_to)) for x, k in zip(s, keeps)]
+            keeps = [
+                top_k_groups(x, num_kept(x.shape[0], jnp.sum(k) / k.shape[0], round_to))
+                for x, k in zip(s, keeps, strict=True)
+            ]
     else:
         keeps = [top_k_groups(x, num_kept(x.shape[0], keep_ratio, round_to)) for x in s]
     masks: list[Any] = [None] * len(groups.specs)

@@ -183,7 +183,7 @@ def apply(params: Params, gates: Gates, specs: Specs) -> Params:
         for i, m in members:
             f = _channel_factor(g, m, jnp.shape(leaves[i]))
             factors[i] = f if factors[i] is None else factors[i] * f
-    out = [x if f is None else x * f.astype(x.dtype) for x, f in zip(leaves, factors)]
+    out = [x if f is None else x * f.astype(x.dtype) for x, f in zip(leaves, factors, strict=True)]
     return treedef.unflatten(out)
 
 

@@ -54,9 +54,7 @@ def chain_specs(params: Params, chain: Sequence[tuple[str, int]]) -> Specs:
         if i < len(chain) - 1:
             members.append(Filter(axis=-1, group=name))
             table[f"{name}/bias"] = Filter(axis=-1, group=name)
-        table[f"{name}/kernel"] = (
-            None if not members else members[0] if len(members) == 1 else Coupled(tuple(members))
-        )
+        table[f"{name}/kernel"] = None if not members else members[0] if len(members) == 1 else Coupled(tuple(members))
 
     found = set()
 
@@ -86,4 +84,3 @@ def group_widths(params: Params, specs: Specs, masks: Masks | None = None) -> di
 
 
 __all__ = ["chain_specs", "group_widths"]
-

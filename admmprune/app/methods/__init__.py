@@ -53,6 +53,7 @@ and asks; it has no ``if method == ...``. Adding a method is one class and its
 # Methods register on import, in this order, the order METHODS lists them in.
 # isort: off
 from admmprune.app.methods import _admm, _magnitude, _gated, _group_lasso
+
 # isort: on
 from admmprune.app.methods._admm import Admm
 from admmprune.app.methods._base import (

@@ -47,8 +47,14 @@ class Admm(Method):
     @classmethod
     def from_values(cls, values: Values) -> Admm:
         a = values["admm"]
-        return cls(rho=a["rho"], rho_schedule=a["rho_schedule"], rho_factor=a["rho_factor"], max_rho=a["max_rho"],
-                   interval=a["interval"], round_to=values["prune"]["round_to"])
+        return cls(
+            rho=a["rho"],
+            rho_schedule=a["rho_schedule"],
+            rho_factor=a["rho_factor"],
+            max_rho=a["max_rho"],
+            interval=a["interval"],
+            round_to=values["prune"]["round_to"],
+        )
 
     def phases(self, stages: Sequence[float], epochs_per_stage: int, retrain_epochs: int) -> list[Phase]:
         return [*(Phase("admm", epochs_per_stage, r) for r in stages), Phase("retrain", retrain_epochs, stages[-1])]
@@ -66,8 +72,9 @@ class Admm(Method):
         if phase.kind != "admm":
             return super().transform(phase, specs, optimizer, learning_rate, gated=gated)
         return optax.chain(
-            admm_lib.admm(specs, rho=self.rho, interval=self.interval, rho_schedule=self.schedule(),
-                          round_to=self.round_to),
+            admm_lib.admm(
+                specs, rho=self.rho, interval=self.interval, rho_schedule=self.schedule(), round_to=self.round_to
+            ),
             optimizer.weights(learning_rate),
         )
 

@@ -80,8 +80,11 @@ class L1Mask(_Gated):
 
     @classmethod
     def from_values(cls, values: Values) -> L1Mask:
-        return cls(strength=non_negative(values["l1_mask"]["strength"], "l1_mask.strength"),
-                   delta=values["l1_mask"]["delta"], **_selection(values))
+        return cls(
+            strength=non_negative(values["l1_mask"]["strength"], "l1_mask.strength"),
+            delta=values["l1_mask"]["delta"],
+            **_selection(values),
+        )
 
     def penalty(self, params: Params, target: Target) -> Callable[[Any], jax.Array]:
         strength = self.strength
@@ -101,8 +104,11 @@ class Slimming(L1Mask):
 
     @classmethod
     def from_values(cls, values: Values) -> Slimming:
-        return cls(strength=non_negative(values["slimming"]["strength"], "slimming.strength"),
-                   delta=values["l1_mask"]["delta"], **_selection(values))
+        return cls(
+            strength=non_negative(values["slimming"]["strength"], "slimming.strength"),
+            delta=values["l1_mask"]["delta"],
+            **_selection(values),
+        )
 
     def uses_gates(self, specs: Specs) -> bool:
         return not gates.norm_scales(specs)
@@ -152,10 +158,17 @@ class Relaxation(_Gated):
     @classmethod
     def from_values(cls, values: Values) -> Relaxation:
         r = values["relaxation"]
-        numbers = {k: non_negative(r[k], f"relaxation.{k}")
-                   for k in ("temperature", "flops_weight", "polarization_weight", "gate_learning_rate")}
-        return cls(ratio=values["prune"]["ratio"], init_logit=r["init_logit"], threshold=r["threshold"],
-                   **numbers, **_selection(values))
+        numbers = {
+            k: non_negative(r[k], f"relaxation.{k}")
+            for k in ("temperature", "flops_weight", "polarization_weight", "gate_learning_rate")
+        }
+        return cls(
+            ratio=values["prune"]["ratio"],
+            init_logit=r["init_logit"],
+            threshold=r["threshold"],
+            **numbers,
+            **_selection(values),
+        )
 
     def init_gates(self, params: Params, specs: Specs) -> dict[str, jax.Array]:
         return gates.init(params, specs, self.init_logit)
@@ -170,8 +183,9 @@ class Relaxation(_Gated):
         """The gated-MACs model and its target (``1 - ratio`` of every group)."""
         if "value" not in self._budget:
             model = functools.partial(costs.gated_macs, target.layer_macs(), specs=target.specs, params=params)
-            uniform = {k: jnp.full(v.shape, 1.0 - self.ratio, jnp.float32)
-                       for k, v in gates.init(params, target.specs).items()}
+            uniform = {
+                k: jnp.full(v.shape, 1.0 - self.ratio, jnp.float32) for k, v in gates.init(params, target.specs).items()
+            }
             self._budget["value"] = (model, float(model(uniform)))
         return self._budget["value"]
 
@@ -190,11 +204,12 @@ class Relaxation(_Gated):
         values = self.gate_values(g)
         flat = np.concatenate([np.asarray(v) for v in values.values()])
         macs_model, budget = self.budget(params, target)
-        return {"gates_open": float(np.mean(flat >= self.threshold)),
-                "gated_macs_over_target": float(macs_model(values) / budget)}
+        return {
+            "gates_open": float(np.mean(flat >= self.threshold)),
+            "gated_macs_over_target": float(macs_model(values) / budget),
+        }
 
     def select(self, scores, params: Params, inputs: PruneInputs, target: Target) -> Masks:
         keep = {k: np.asarray(v) >= self.threshold for k, v in self.gate_values(inputs.gates).items()}
         removable = target.removable_groups(inputs.params)
         return gates.keep_masks(params, target.specs, keep_at_least_one(keep, scores, removable))
-

@@ -26,8 +26,11 @@ class GroupLasso(ScoredMethod):
 
     @classmethod
     def from_values(cls, values: Values) -> GroupLasso:
-        return cls(strength=non_negative(values["group_lasso"]["strength"], "group_lasso.strength"),
-                   scope=values["prune"]["scope"], round_to=values["prune"]["round_to"])
+        return cls(
+            strength=non_negative(values["group_lasso"]["strength"], "group_lasso.strength"),
+            scope=values["prune"]["scope"],
+            round_to=values["prune"]["round_to"],
+        )
 
     def transform(
         self, phase: Phase, specs: Specs, optimizer: Optimizer, learning_rate: optax.ScalarOrSchedule, *, gated: bool

@@ -46,8 +46,12 @@ class Magnitude(ScoredMethod):
 
     @classmethod
     def from_values(cls, values: Values) -> Magnitude:
-        return cls(criterion=values["prune"]["criterion"], iterative=values["magnitude"]["iterative"],
-                   seed=values["run"]["seed"], **_selection(values))
+        return cls(
+            criterion=values["prune"]["criterion"],
+            iterative=values["magnitude"]["iterative"],
+            seed=values["run"]["seed"],
+            **_selection(values),
+        )
 
     def phases(self, stages: Sequence[float], epochs_per_stage: int, retrain_epochs: int) -> list[Phase]:
         if not self.iterative:

@@ -20,7 +20,6 @@ collapse, measurements) runs on whole arrays that every process holds, and only
 process 0 writes files other than checkpoints.
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -134,8 +133,9 @@ def run(
     _describe(r, phases)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     progress = _resume_point(ckpt, s, phases, log)
-    metrics = MetricsLog(os.path.join(workdir, "metrics.jsonl"), progress.resumed_from or 0,
-                         enabled=distributed.is_primary())
+    metrics = MetricsLog(
+        os.path.join(workdir, "metrics.jsonl"), progress.resumed_from or 0, enabled=distributed.is_primary()
+    )
 
     def elapsed() -> float:
         return progress.elapsed_before + time.perf_counter() - t_start
@@ -152,8 +152,13 @@ def run(
         if r.gates is not None:
             state["gates"] = r.gates
         state = r.dist.put(state)  # every process saves its shards
-        meta = {"phase": phase_index, "phase_step": phase_step, "report": progress.report, "elapsed": elapsed(),
-                "widths": list(r.model.widths)}
+        meta = {
+            "phase": phase_index,
+            "phase_step": phase_step,
+            "report": progress.report,
+            "elapsed": elapsed(),
+            "widths": list(r.model.widths),
+        }
         ckpt.save(step, state, data_state=data_state, metadata=meta)
 
     dense_dir = os.path.join(workdir, "dense")
@@ -199,8 +204,9 @@ def _resume_point(ckpt: Checkpointer, s: Settings, phases: list[Phase], log) -> 
     if latest is None:
         return _Progress(_new_report(s))
     meta = ckpt.restore_metadata()
-    progress = _Progress(meta["report"], meta["phase"], meta["phase_step"], latest, meta["elapsed"],
-                         resumed_from=latest)
+    progress = _Progress(
+        meta["report"], meta["phase"], meta["phase_step"], latest, meta["elapsed"], resumed_from=latest
+    )
     log(f"resuming from checkpoint step {latest} ({phases[progress.phase].name}, step {progress.step})")
     return progress
 
@@ -222,8 +228,15 @@ def _run_phase(r: Run, phases, i: int, progress: _Progress, *, ckpt, metrics, sa
     else:
         _phases.begin(r, phases, i)
     progress.global_step = _phases.train(
-        r, i, phase, tx, start_step=progress.step if resuming else 0, data_state=progress.data_state,
-        global_step=progress.global_step, metrics=metrics, save=save,
+        r,
+        i,
+        phase,
+        tx,
+        start_step=progress.step if resuming else 0,
+        data_state=progress.data_state,
+        global_step=progress.global_step,
+        metrics=metrics,
+        save=save,
     )
     progress.resumed_from = None
     _phases.finish(r, phase, progress.report, elapsed() - t_phase)
@@ -257,8 +270,12 @@ def _conclude(r: Run, report: dict[str, Any], elapsed) -> dict[str, Any]:
     trained.eval()
     diff = float(jnp.max(jnp.abs(trained(batch["image"]) - slim(batch["image"]))))
     report["pruned"] = {"accuracy": pruned_eval, "params": slim_m["params"], "flops": slim_m["flops"]}
-    report["collapsed"] = {"accuracy": r.evaluate(model=slim), **slim_m, "max_abs_diff": diff,
-                           "latency_batch": s.measure_batch_size}
+    report["collapsed"] = {
+        "accuracy": r.evaluate(model=slim),
+        **slim_m,
+        "max_abs_diff": diff,
+        "latency_batch": s.measure_batch_size,
+    }
     report["dense"].update(dense_m)
     report["layers"] = r.kept(r.masks)
     report["params_removed"] = 1 - slim_m["params"] / dense_m["params"]
@@ -266,8 +283,11 @@ def _conclude(r: Run, report: dict[str, Any], elapsed) -> dict[str, Any]:
     report["speedup"] = dense_m["latency_ms"] / slim_m["latency_ms"]
     save_model_once(os.path.join(workdir, "model"), slim)
     report["seconds"] = elapsed()
-    report["machine"] = {"platform": platform.platform(), "jax": jax.__version__,
-                         "devices": f"{jax.devices()[0].platform} x{jax.device_count()}"}
+    report["machine"] = {
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
+    }
     report["date"] = datetime.date.today().isoformat()
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, "report.json"), report)

@@ -66,14 +66,23 @@ def finish(run: Run, phase: Phase, report: dict[str, Any], t: float) -> None:
         acc, admm_acc = run.evaluate(pruned), run.evaluate()
         res = admm_lib.residuals(state)
         rho = [float(x) for x in jax.tree.leaves(state.rho)]
-        report["stages"].append({
-            "ratio": phase.ratio, "accuracy": acc, "admm_accuracy": admm_acc,
-            "primal_residual": res["primal_residual"], "dual_residual": res["dual_residual"],
-            "rho": max(rho), "seconds": t, "layers": run.kept(masks),
-        })
-        run.log(f"admm {phase.ratio:<4g} {phase.epochs} epochs  accuracy {100 * acc:.2f}% pruned "
-                f"({100 * admm_acc:.2f}% before)  primal residual {res['primal_residual']:.4f}  "
-                f"rho {max(rho):.3g}  [{t:.0f}s]")
+        report["stages"].append(
+            {
+                "ratio": phase.ratio,
+                "accuracy": acc,
+                "admm_accuracy": admm_acc,
+                "primal_residual": res["primal_residual"],
+                "dual_residual": res["dual_residual"],
+                "rho": max(rho),
+                "seconds": t,
+                "layers": run.kept(masks),
+            }
+        )
+        run.log(
+            f"admm {phase.ratio:<4g} {phase.epochs} epochs  accuracy {100 * acc:.2f}% pruned "
+            f"({100 * admm_acc:.2f}% before)  primal residual {res['primal_residual']:.4f}  "
+            f"rho {max(rho):.3g}  [{t:.0f}s]"
+        )
     elif phase.kind == "sparsify":
         acc = run.evaluate(run.effective_params())
         pruned, masks = prune(run, phase, phase)
@@ -84,8 +93,10 @@ def finish(run: Run, phase: Phase, report: dict[str, Any], t: float) -> None:
         report["sparsify"] = entry
         widths = graph.group_widths(run.params, run.specs, masks)
         kept = sum(k for k, _ in widths.values()) / sum(t for _, t in widths.values())
-        run.log(f"sparsify  {phase.epochs} epochs  accuracy {100 * acc:.2f}% ({100 * pruned_acc:.2f}% pruned, "
-                f"{100 * kept:.1f}% of channels kept)  [{t:.0f}s]")
+        run.log(
+            f"sparsify  {phase.epochs} epochs  accuracy {100 * acc:.2f}% ({100 * pruned_acc:.2f}% pruned, "
+            f"{100 * kept:.1f}% of channels kept)  [{t:.0f}s]"
+        )
     elif phase.kind == "finetune":
         acc = run.evaluate()
         masks = admm_lib.find_state(run.opt_state, masking.MaskedState).masks
@@ -124,15 +135,27 @@ def train(
     else:
         run.params = trainable
     state_shardings = run.dist.shardings((trainable, run.rest, run.opt_state))
-    step_fn = make_train_step(run.graphdef, tx, admm_metrics=phase.kind == "admm", gated=gated,
-                              shardings=(state_shardings, run.dist.data, run.dist.replicated))
+    step_fn = make_train_step(
+        run.graphdef,
+        tx,
+        admm_metrics=phase.kind == "admm",
+        gated=gated,
+        shardings=(state_shardings, run.dist.data, run.dist.replicated),
+    )
     it = iter(run.loader(i, phase.epochs))
     if start_step and data_state is not None:
         it.set_state(data_state)
     every = s.checkpoint_every or run.steps_per_epoch
     quiet = not s.progress or not distributed.is_primary()
-    bar = tqdm(total=steps, initial=start_step, desc=phase.name, disable=quiet or None,
-               leave=False, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=steps,
+        initial=start_step,
+        desc=phase.name,
+        disable=quiet or None,
+        leave=False,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     phase_step = start_step
     pending = []  # per-step metrics stay on the device until the next flush
 
@@ -171,4 +194,3 @@ def train(
         bar.close()
     run.params, run.rest, run.opt_state, run.gates = run.dist.local((run.params, run.rest, run.opt_state, run.gates))
     return global_step
-

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from admmprune import models
 from admmprune._errors import UserError
 from admmprune.app.methods import Phase, Target
 from admmprune.app.pipeline._config import Settings
@@ -19,7 +20,6 @@ from admmprune.app.pipeline._steps import make_eval
 from admmprune.runtime import data as data_lib
 from admmprune.runtime import distributed
 from admmprune.structure import collapse as collapse_lib
-from admmprune import models
 from admmprune.structure import costs, discovery, gates, graph, measure
 
 
@@ -76,16 +76,26 @@ class Run:
         d = self.settings.data
         shard = {"shard_index": 0, "shard_count": 1} if whole else {}
         return data_lib.make_loader(
-            self.train_source, batch_size=d.batch_size if whole else self.local_batch_size,
-            seed=self.settings.seed * 1000 + phase_index + 1, num_epochs=epochs, normalize=self.normalize,
-            augment=d.augment, **shard,
+            self.train_source,
+            batch_size=d.batch_size if whole else self.local_batch_size,
+            seed=self.settings.seed * 1000 + phase_index + 1,
+            num_epochs=epochs,
+            normalize=self.normalize,
+            augment=d.augment,
+            **shard,
         )
 
     def eval_loader(self, batch_size: int | None = None):
         """The eval split, in order, whole on every process."""
         return data_lib.make_loader(
-            self.eval_source, batch_size=batch_size or self.settings.data.eval_batch_size, seed=0, shuffle=False,
-            drop_remainder=False, normalize=self.normalize, shard_index=0, shard_count=1,
+            self.eval_source,
+            batch_size=batch_size or self.settings.data.eval_batch_size,
+            seed=0,
+            shuffle=False,
+            drop_remainder=False,
+            normalize=self.normalize,
+            shard_index=0,
+            shard_count=1,
         )
 
     def evaluate(self, params=None, *, model=None) -> float:
@@ -172,10 +182,26 @@ def prepare(s: Settings, workdir: str, log: Callable[[str], None]) -> Run:
     if steps_per_epoch < 1:
         raise UserError(f"data.batch_size {d.batch_size} is larger than the {n_train} training examples")
     run = Run(
-        settings=s, workdir=workdir, log=log, info=info, train_source=train_source, eval_source=eval_source,
-        normalize=normalize, model=model, example=example, graphdef=graphdef, eval_graphdef=eval_graphdef,
-        specs=specs, state_specs=state_specs, dist=dist, local_batch_size=local_batch_size,
-        steps_per_epoch=steps_per_epoch, target=None, evaluate_fn=make_eval(eval_graphdef), params=params, rest=rest,
+        settings=s,
+        workdir=workdir,
+        log=log,
+        info=info,
+        train_source=train_source,
+        eval_source=eval_source,
+        normalize=normalize,
+        model=model,
+        example=example,
+        graphdef=graphdef,
+        eval_graphdef=eval_graphdef,
+        specs=specs,
+        state_specs=state_specs,
+        dist=dist,
+        local_batch_size=local_batch_size,
+        steps_per_epoch=steps_per_epoch,
+        target=None,
+        evaluate_fn=make_eval(eval_graphdef),
+        params=params,
+        rest=rest,
     )
     run.target = Target(
         model_name=s.model,
