@@ -136,8 +136,12 @@ class Relaxation(_Gated):
     Attributes:
       ratio: the run's ratio: the target is the MACs of keeping ``1 - ratio``
         of every group.
-      temperature, init_logit, gate_learning_rate, flops_weight,
-      polarization_weight, threshold: see ``configs/default.py``.
+      temperature: of the sigmoid; lower is closer to 0/1 gates.
+      init_logit: every gate's starting logit (3.0: a gate of 0.95).
+      gate_learning_rate: Adam's learning rate for the logits.
+      flops_weight: the budget term's weight.
+      polarization_weight: the polarization term's weight.
+      threshold: a channel whose gate ends below it is removed.
     """
 
     ratio: float

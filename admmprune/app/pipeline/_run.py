@@ -26,8 +26,8 @@ from admmprune.structure import costs, discovery, gates, graph, measure
 @dataclasses.dataclass(eq=False)
 class Run:
     """Everything one run holds. The phases replace the training state
-    (``params``, ``rest``, ``opt_state``, ``gates``); the rest is fixed at
-    :func:`prepare`."""
+    (``params``, ``rest``, ``opt_state``, ``gates``); the rest is fixed
+    when the run is prepared, before the workdir is claimed."""
 
     settings: Settings
     workdir: str

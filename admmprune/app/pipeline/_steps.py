@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +46,14 @@ def _admm_metrics(opt_state) -> dict[str, jax.Array]:
     return {"primal_residual": sum(primal) / len(primal), "rho": jnp.max(jnp.stack(jax.tree.leaves(state.rho)))}
 
 
-def make_train_step(graphdef, tx, *, admm_metrics: bool = False, gated=None, shardings=None):
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    admm_metrics: bool = False,
+    gated: tuple[Callable, Callable] | None = None,
+    shardings: tuple[Any, Any, Any] | None = None,
+) -> Callable:
     """The jitted training step ``(trainable, rest, opt_state, batch) -> (..., metrics)``.
 
     Args:
@@ -92,7 +101,7 @@ def make_train_step(graphdef, tx, *, admm_metrics: bool = False, gated=None, sha
     return step
 
 
-def make_eval(graphdef):
+def make_eval(graphdef: nnx.GraphDef) -> Callable:
     """The jitted count of correct predictions of a batch."""
 
     @jax.jit
