@@ -4,7 +4,7 @@
 ``python -m admmprune.train | analyze | export`` each describe their arguments
 with a :class:`Parser`: typed flags (absl parsers: integers, numbers, lists),
 positional arguments, and for train and analyze ``--config`` with the
-overrides of :mod:`ml_collections.config_flags`, which parse each value as the
+overrides of ``ml_collections.config_flags``, which parse each value as the
 type of the field it sets. :meth:`Parser.parse` turns every mistake into a
 :class:`~admmprune.UserError` (one ``error:`` line and exit status 2 through
 :func:`admmprune._errors.run_cli`) rather than absl's usage dump, and prints
