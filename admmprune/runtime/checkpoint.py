@@ -24,6 +24,10 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
+import logging
 import os
 from typing import Any, NamedTuple, Self
 
@@ -56,6 +60,36 @@ class Restored(NamedTuple):
     state: Any
     data_state: Any
     metadata: dict[str, Any]
+
+
+# What the file system says when it cannot take a checkpoint: the user's
+# environment, not a bug (tensorstore reports them in the message's text).
+_NO_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+_NO_WRITE_TEXT = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "No space left", "Read-only file system")
+
+
+def _one_line(e: BaseException, limit: int = 240) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0].split(" See full TensorStore details")[0] if lines else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Drops orbax's own logging of an error it also raises (a traceback of
+    hundreds of lines on stderr), while the caller turns the error into one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+@contextlib.contextmanager
+def _orbax_errors_raised_not_logged():
+    logger, drop = logging.getLogger("absl"), _DropOrbaxErrors()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 class Checkpointer:
@@ -131,7 +165,9 @@ class Checkpointer:
             metadata: A JSON-encodable dict that describes ``state``.
 
         Raises:
-            UserError: ``step`` is negative or not after the latest saved step.
+            UserError: ``step`` is negative or not after the latest saved step,
+                or the file system refuses the write (full, read-only, not
+                permitted); nothing of the step is left to be picked up.
         """
         if not isinstance(step, int) or step < 0:
             raise UserError(f"checkpoint step must be a non-negative integer, got {step!r}")
@@ -141,16 +177,25 @@ class Checkpointer:
                 f"cannot save step {step} in {self._directory}: step {latest} is already "
                 "there; resume from it or use an empty directory"
             )
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    _STATE: ocp.args.StandardSave(state),
-                    _DATA: ocp.args.JsonSave(data_state),
-                    _META: ocp.args.JsonSave(dict(metadata or {})),
-                }
-            ),
-        )
+        try:
+            with _orbax_errors_raised_not_logged():
+                self._manager.save(
+                    step,
+                    args=ocp.args.Composite(
+                        **{
+                            _STATE: ocp.args.StandardSave(state),
+                            _DATA: ocp.args.JsonSave(data_state),
+                            _META: ocp.args.JsonSave(dict(metadata or {})),
+                        }
+                    ),
+                )
+        except Exception as e:
+            if getattr(e, "errno", None) in _NO_WRITE_ERRNOS or any(t in str(e) for t in _NO_WRITE_TEXT):
+                raise UserError(
+                    f"cannot write checkpoint step {step} in {self._directory} ({_one_line(e)}); "
+                    "free space there (or make it writable) and rerun the same command to resume"
+                ) from None
+            raise
 
     def wait(self) -> None:
         """Blocks until a pending asynchronous save is on disk."""
@@ -183,10 +228,17 @@ class Checkpointer:
             The metadata dict as saved.
 
         Raises:
-            UserError: there is no such step.
+            UserError: there is no such step, or its metadata cannot be read
+                (a damaged file).
         """
         step = self._step(step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+        try:
+            with _orbax_errors_raised_not_logged():
+                restored = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+        except Exception as e:
+            raise UserError(
+                f"checkpoint step {step} in {self._directory} is damaged: its metadata cannot be read ({_one_line(e)})"
+            ) from None
         return restored[_META]
 
     def restore(self, target: Any, step: int | None = None) -> Restored:
@@ -203,32 +255,60 @@ class Checkpointer:
             A :class:`Restored` ``(step, state, data_state, metadata)``.
 
         Raises:
-            UserError: there is no such step, or the saved arrays do not match
-                ``target`` (e.g. a different architecture).
+            UserError: there is no such step, the saved arrays do not match
+                ``target`` (e.g. a different architecture), or the step's
+                files are damaged (the message says which).
         """
         step = self._step(step)
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    **{
-                        _STATE: ocp.args.StandardRestore(target),
-                        _DATA: ocp.args.JsonRestore(),
-                        _META: ocp.args.JsonRestore(),
-                    }
-                ),
-            )
-        except ValueError as e:
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"checkpoint step {step} in {self._directory} does not match the model to "
-                f"restore into ({detail}); build the model from restore_metadata() first"
-            ) from None
+            with _orbax_errors_raised_not_logged():
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        **{
+                            _STATE: ocp.args.StandardRestore(target),
+                            _DATA: ocp.args.JsonRestore(),
+                            _META: ocp.args.JsonRestore(),
+                        }
+                    ),
+                )
+        except Exception as e:
+            detail = _one_line(e)
+            # tensorstore's errors start with a status (DATA_LOSS: ...): a file is damaged.
+            damaged = not isinstance(e, ValueError) or isinstance(e, json.JSONDecodeError)
+            if not damaged and not detail.split(":")[0].isupper():
+                raise UserError(
+                    f"checkpoint step {step} in {self._directory} does not match the model to "
+                    f"restore into ({detail}); build the model from restore_metadata() first"
+                ) from None
+            raise UserError(f"checkpoint step {step} in {self._directory} is damaged ({detail})") from None
         return Restored(step, restored[_STATE], restored[_DATA], restored[_META])
 
+    def set_aside(self, step: int) -> str:
+        """Renames a step that cannot be restored to ``<step>.damaged`` (or
+        ``.damaged-2``, ...), which is no step, so that the previous one is the
+        latest; nothing is deleted. Every process calls it; process 0 renames.
+
+        Returns:
+            The new path of the step's directory.
+        """
+        old = os.path.join(self._directory, str(step))
+        new, n = f"{old}.damaged", 1
+        while os.path.exists(new):
+            n += 1
+            new = f"{old}.damaged-{n}"
+        if jax.process_index() == 0:
+            os.rename(old, new)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"admmprune_set_aside_{step}")
+        self._manager.reload()
+        return new
+
     def close(self) -> None:
-        """Waits for a pending save and releases the manager."""
-        self._manager.close()
+        """Waits for a pending save and releases the manager (and its threads,
+        which would otherwise print errors of their own at interpreter exit)."""
+        with _orbax_errors_raised_not_logged():
+            self._manager.close()
 
     def __enter__(self) -> Self:
         return self
