@@ -29,6 +29,7 @@ import errno
 import json
 import logging
 import os
+import reprlib
 from typing import Any, NamedTuple, Self
 
 import jax
@@ -321,6 +322,19 @@ class Checkpointer:
 # Whole models: arrays plus the architecture that gives them their shapes.
 
 
+_MODEL_FORMAT = "admmprune.model/1"
+# What orbax, tensorstore and json raise on a damaged, truncated or missing file
+# of a saved model: its files are the user's input, like a command line.
+_DAMAGED = (ValueError, KeyError, TypeError, OSError)
+_RESAVE = "save the model again with admmprune.save_model (or give another directory)"
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return detail if len(detail) <= limit else detail[: limit - 3] + "..."
+
+
 def save_model(directory: str | os.PathLike, model: Any) -> None:
     """Saves a registered NNX model with its architecture, for :func:`load_model`.
 
@@ -335,16 +349,18 @@ def save_model(directory: str | os.PathLike, model: Any) -> None:
 
     Raises:
         UserError: the model's class is not registered, or the directory holds
-            something else.
+            something else (or is a file).
     """
     from flax import nnx
 
     from admmprune import models
 
     directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UserError(f"{directory} is a file; save the model to a new directory")
     if os.path.isdir(directory) and os.listdir(directory):
         raise UserError(f"{directory} is not empty; save the model to a new directory")
-    meta = {"format": "admmprune.model/1", "model": models.name_of(model), "config": model.config}
+    meta = {"format": _MODEL_FORMAT, "model": models.name_of(model), "config": model.config}
     state = nnx.to_pure_dict(nnx.state(model))
     if jax.process_count() > 1:  # only host arrays can be saved by one process of several
         state = jax.tree.map(np.asarray, state)
@@ -352,30 +368,146 @@ def save_model(directory: str | os.PathLike, model: Any) -> None:
         ckpt.save(0, state, metadata=meta)
 
 
+def _model_spec(meta: Any, directory: str, where: str) -> tuple[str, dict[str, Any]]:
+    """``(registry name, constructor arguments)`` from a saved model's metadata, checked.
+
+    Only looks names up in the model registry: nothing named in ``meta`` is
+    imported or called.
+    """
+    from admmprune import models
+
+    if not isinstance(meta, dict):
+        raise UserError(f"{where} is damaged (a JSON {type(meta).__name__}, not an object); {_RESAVE}")
+    if meta.get("format") != _MODEL_FORMAT:
+        raise UserError(
+            f"{directory} holds a checkpoint, not a model saved by "
+            f"admmprune.save_model (format {reprlib.repr(meta.get('format'))} in {where}); give a model directory"
+        )
+    name = meta.get("model")
+    if not isinstance(name, str):
+        raise UserError(f"{where} is damaged (its 'model' is {reprlib.repr(name)}, not a model name); {_RESAVE}")
+    if "config" not in meta:
+        raise UserError(f"{where} is damaged (it has no 'config'); {_RESAVE}")
+    try:
+        return name, models.check_config(name, meta["config"])
+    except UserError as e:
+        raise UserError(f"{where} is damaged ({e}); {_RESAVE}") from None
+
+
+def _flat(tree: Any) -> list[tuple[Any, Any]]:
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _path(keys: Any) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+
+
+class _ModelReader:
+    """Reads a saved model's checkpoint without changing its directory.
+
+    Read-only: unlike :class:`Checkpointer` it creates nothing and cleans up
+    nothing, so it starts no background thread that could outlive an error
+    (orbax's clean-up of temporary directories, which runs on a thread of its
+    own, printed a second traceback at interpreter shutdown).
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        # Not orbax's read_only, which logs two warnings on every open.
+        options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
+        handlers = {_STATE: ocp.StandardCheckpointHandler(), _DATA: ocp.JsonCheckpointHandler()}
+        handlers[_META] = ocp.JsonCheckpointHandler()
+        self._manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._manager.close()
+
+    def check_arrays(self, step: int, target: Any) -> None:
+        """Compares the saved arrays' names, shapes and dtypes with ``target`` before reading any.
+
+        orbax reads all arrays at once and, when one read fails, leaves the
+        others running on an event loop it has closed: they print tracebacks
+        later, at interpreter shutdown. A mismatch found here reads nothing.
+        """
+        where = os.path.join(self.directory, str(step), _STATE)
+        try:
+            saved = self._manager.item_metadata(step)[_STATE]
+            saved = {_path(p): (tuple(a.shape), np.dtype(a.dtype)) for p, a in _flat(saved.tree)}
+        except Exception as e:  # noqa: BLE001 - as in item(): orbax raises what it meets
+            raise UserError(f"{where} is damaged ({_first_line(e)}); {_RESAVE}") from None
+        wanted = {_path(p): (tuple(a.shape), np.dtype(a.dtype)) for p, a in _flat(target)}
+        for name in sorted(wanted.keys() | saved.keys()):
+            if name not in saved:
+                problem = f"has no array {name}"
+            elif name not in wanted:
+                problem = f"has an array {name} that the model does not have"
+            elif saved[name] != wanted[name]:
+                (shape, dtype), (want_shape, want_dtype) = saved[name], wanted[name]
+                problem = f"has {name} of shape {shape} {dtype}, where the model needs {want_shape} {want_dtype}"
+            else:
+                continue
+            raise UserError(f"{where} {problem}, so it does not fit the model its metadata describes; {_RESAVE}")
+
+    def step(self) -> int:
+        try:
+            step = self._manager.latest_step()
+        except _DAMAGED as e:
+            raise UserError(f"{self.directory} cannot be read ({_first_line(e)}); {_RESAVE}") from None
+        if step is None:
+            raise UserError(
+                f"{self.directory} is not a model saved by admmprune (save_model): it holds no checkpoint; "
+                "give the directory save_model wrote (e.g. WORKDIR/model or WORKDIR/dense)"
+            )
+        return step
+
+    def item(self, step: int, name: str, args: Any) -> Any:
+        where = os.path.join(self.directory, str(step), name)
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**{name: args}))[name]
+        except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise even bare Exception on a damaged file
+            problem = "is damaged or does not fit the model its metadata describes" if name == _STATE else "is damaged"
+            raise UserError(f"{where} {problem} ({_first_line(e)}); {_RESAVE}") from None
+
+
 def load_model(directory: str | os.PathLike) -> Any:
     """Rebuilds a model saved by :func:`save_model`, without rerunning anything.
 
-    The architecture is built from the metadata with ``nnx.eval_shape`` (no
-    initialization), then filled with the saved arrays.
+    The metadata is checked first (:func:`admmprune.models.check_config`):
+    only registered model names and their constructors' own arguments are
+    used; nothing named in the metadata is imported or called. The
+    architecture is built from it with ``nnx.eval_shape`` (no initialization),
+    then filled with the saved arrays. The directory is only read.
 
     Raises:
-        UserError: the directory holds no saved model.
+        UserError: the directory does not exist or holds no saved model, or the
+            saved model's files are damaged (the message names the file).
     """
     from flax import nnx
 
     from admmprune import models
 
     directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(directory):
+    if not os.path.exists(directory):
         raise UserError(f"no saved model in {directory}: the directory does not exist")
-    with Checkpointer(directory, max_to_keep=1) as ckpt:
-        meta = ckpt.restore_metadata()
-        if meta.get("format") != "admmprune.model/1":
-            raise UserError(f"{directory} holds a checkpoint, not a model saved by admmprune.save_model")
-        abstract = nnx.eval_shape(lambda: models.get(meta["model"], **meta["config"], rngs=nnx.Rngs(0)))
+    if not os.path.isdir(directory):
+        raise UserError(f"{directory} is a file, not a model saved by admmprune (save_model): give its directory")
+    with _ModelReader(directory) as reader:
+        step = reader.step()
+        where = os.path.join(directory, str(step), _META)
+        name, config = _model_spec(reader.item(step, _META, ocp.args.JsonRestore()), directory, where)
+        try:
+            abstract = nnx.eval_shape(lambda: models.get(name, **config, rngs=nnx.Rngs(0)))
+        except UserError as e:
+            raise UserError(f"{where} is damaged ({e}); {_RESAVE}") from None
+        except (TypeError, ValueError, OverflowError) as e:  # a value the checked types let through
+            raise UserError(f"{where} is damaged (model {name!r}: {_first_line(e)}); {_RESAVE}") from None
         target = nnx.to_pure_dict(nnx.state(abstract))
-        restored = ckpt.restore(target)
+        reader.check_arrays(step, target)
+        arrays = reader.item(step, _STATE, ocp.args.StandardRestore(target))
     state = nnx.state(abstract)
-    nnx.replace_by_pure_dict(state, restored.state)
+    nnx.replace_by_pure_dict(state, arrays)
     nnx.update(abstract, state)
     return abstract
