@@ -52,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
 
         data = export_forward(load_model(args.model_dir), args.input_shape)
         tmp = f"{args.output}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, args.output)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, args.output)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise UserError(f"cannot write {args.output} ({e.strerror or e}); choose another --output") from None
         print(f"wrote {args.output} ({len(data):,} bytes)")
 
     return run_cli(body, interrupted="interrupted; nothing was written")

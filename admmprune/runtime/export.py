@@ -37,12 +37,20 @@ def export_forward(model: Any, shape: Sequence[int] | None = None) -> bytes:
 
     Returns:
         The bytes of ``jax.export.Exported.serialize()``.
+
+    Raises:
+        UserError: ``shape`` is not one the model takes (it says which it
+            does), or no shape is given and the model's is unknown.
     """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    shape = tuple(shape) if shape is not None else input_shape(model)
+    if shape is None:
+        shape = input_shape(model)
+    else:
+        shape = tuple(shape)
+        _check_shape(model, shape)
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state, copy=True)
     copy.eval()
@@ -54,6 +62,40 @@ def export_forward(model: Any, shape: Sequence[int] | None = None) -> bytes:
     (batch,) = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
     return bytes(jax.export.export(jax.jit(forward))(spec).serialize())
+
+
+def _check_shape(model: Any, shape: tuple[int, ...]) -> None:
+    """Traces one example of ``shape`` through ``model`` (shapes only) before the export does.
+
+    Raises:
+        UserError: a dimension is not positive, or the model fails on the shape.
+    """
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    name = type(model).__name__
+    try:
+        expected = ",".join(map(str, input_shape(model)))
+    except UserError:
+        expected = None
+    takes = f"{name} takes inputs of shape {expected}" if expected else f"{name} does not take it"
+    if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
+        raise UserError(f"input shape {','.join(map(str, shape))} needs positive sizes; {takes}")
+    graphdef, state = nnx.split(model)
+
+    def forward(x):
+        copy = nnx.merge(graphdef, state, copy=True)
+        copy.eval()
+        return copy(x)
+
+    try:
+        jax.eval_shape(forward, jax.ShapeDtypeStruct((1, *shape), np.float32))
+    except Exception as e:  # noqa: BLE001 - whatever the model raises on a shape it cannot take
+        raise UserError(
+            f"{takes}, not {','.join(map(str, shape))} ({type(e).__name__}); "
+            f"pass {'--input-shape ' + expected if expected else 'the shape it was trained on'}"
+        ) from None
 
 
 __all__ = ["export_forward", "input_shape"]
