@@ -113,8 +113,16 @@ def _find_model(path: str) -> tuple[str, dict[str, Any]]:
     run_config = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "config.json")
     data: dict[str, Any] = {}
     if os.path.isfile(run_config):
-        with open(run_config) as f:
-            data = json.load(f).get("data", {})
+        try:
+            with open(run_config) as f:
+                data = json.load(f).get("data", {})
+            if not isinstance(data, dict):
+                raise TypeError(f"its 'data' is a {type(data).__name__}")
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"{run_config} is damaged ({detail}); restore it, or pass --dataset and give the model directory"
+            ) from None
     return model_dir, data
 
 
@@ -140,10 +148,7 @@ def run(args: SimpleNamespace) -> str:
         from admmprune.app import pipeline
 
         pipeline.run(config, workdir, stop_after="dense")
-    try:
-        model = admmprune.load(model_dir)
-    except UserError as e:
-        raise UserError(f"{model_dir} is not a model saved by admmprune (save_model): {e}") from None
+    model = admmprune.load(model_dir)  # its errors name the file and what to do
     dataset = args.dataset or data.get("name")
     grads = None
     if dataset is not None and (args.criteria is None or "taylor" in args.criteria):
