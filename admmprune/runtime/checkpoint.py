@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import reprlib
+import sys
 from typing import Any, NamedTuple, Self
 
 import jax
@@ -67,6 +68,7 @@ class Restored(NamedTuple):
 # environment, not a bug (tensorstore reports them in the message's text).
 _NO_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 _NO_WRITE_TEXT = ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "No space left", "Read-only file system")
+_NO_WRITE_REASONS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied")
 
 
 def _one_line(e: BaseException, limit: int = 240) -> str:
@@ -81,6 +83,42 @@ class _DropOrbaxErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+# What tensorstore's callbacks raise when they finish the writes or reads of
+# an operation orbax gave up on (its first error ends it), into event loops
+# orbax has closed by then, or at interpreter exit.
+_STRAY_CALLBACK_ERRORS = ("Event loop is closed", "cannot schedule new futures after interpreter shutdown")
+
+
+def _ignore_stray_callbacks() -> None:
+    """Keeps those callbacks' errors from printing tracebacks after the error's one line.
+
+    Python reports them through ``sys.unraisablehook`` or, from a native
+    thread's callback, ``sys.excepthook``; this chains hooks that drop only
+    them, once per process.
+    """
+
+    def stray(e) -> bool:
+        return isinstance(e, RuntimeError) and str(e) in _STRAY_CALLBACK_ERRORS
+
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+    if not getattr(previous_unraisable, "_drops_stray_callbacks", False):
+
+        def unraisable_hook(unraisable):
+            if not stray(unraisable.exc_value):
+                previous_unraisable(unraisable)
+
+        unraisable_hook._drops_stray_callbacks = True
+        sys.unraisablehook = unraisable_hook
+    if not getattr(previous_except, "_drops_stray_callbacks", False):
+
+        def except_hook(exc_type, exc_value, tb):
+            if not stray(exc_value):
+                previous_except(exc_type, exc_value, tb)
+
+        except_hook._drops_stray_callbacks = True
+        sys.excepthook = except_hook
 
 
 @contextlib.contextmanager
@@ -127,6 +165,8 @@ class Checkpointer:
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep <= 0):
             raise UserError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
         self._directory = os.path.abspath(os.fspath(directory))
+        # Before any operation: the callbacks race the error that ends it.
+        _ignore_stray_callbacks()
         multiprocessing = {}
         if this_process_only and jax.process_count() > 1:
             me = jax.process_index()
@@ -191,9 +231,12 @@ class Checkpointer:
                     ),
                 )
         except Exception as e:
-            if getattr(e, "errno", None) in _NO_WRITE_ERRNOS or any(t in str(e) for t in _NO_WRITE_TEXT):
+            code = getattr(e, "errno", None)
+            if code in _NO_WRITE_ERRNOS or any(t in str(e) for t in _NO_WRITE_TEXT):
+                reasons = [r for r in _NO_WRITE_REASONS if r in str(e)]
+                reason = os.strerror(code) if code in _NO_WRITE_ERRNOS else (reasons or [_one_line(e)])[0]
                 raise UserError(
-                    f"cannot write checkpoint step {step} in {self._directory} ({_one_line(e)}); "
+                    f"cannot write checkpoint step {step} in {self._directory}: {reason}; "
                     "free space there (or make it writable) and rerun the same command to resume"
                 ) from None
             raise
