@@ -12,7 +12,11 @@ notebook calls. It is the only reader of the config. It writes to ``workdir``:
 
 A rerun of the same command resumes from the latest checkpoint (after a crash
 or ``kill -9``) and ends with the same report as an uninterrupted run; a rerun
-of a finished run says so and changes nothing.
+of a finished run says so and changes nothing. A latest checkpoint that does
+not restore is renamed ``checkpoints/<step>.damaged`` and the run resumes from
+the one before it. SIGTERM (a scheduler's preemption) saves a checkpoint at the
+next step and stops with ``Preempted`` (admmprune._errors) (exit status 143 from the
+CLI). One process at a time runs in a workdir: ``WORKDIR/.lock`` names it.
 
 Training steps run data-parallel over every device of every process
 (:mod:`admmprune.runtime.distributed`); the work between them (evaluation, pruning,
@@ -36,13 +40,14 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from admmprune._errors import UserError
+from admmprune._errors import ENVIRONMENT_ERRNOS, Preempted, UserError
 from admmprune.app.methods import METHODS, Phase
 from admmprune.app.pipeline import _phases
 from admmprune.app.pipeline._config import SCHEDULES, Settings, check_config, plan_phases, settings
+from admmprune.app.pipeline._preempt import StopOnSigterm
 from admmprune.app.pipeline._run import Run, prepare
 from admmprune.app.pipeline._steps import learning_rate, make_eval, make_train_step, make_tx
-from admmprune.app.pipeline._workdir import MetricsLog, claim, save_model_once, write_json_atomic
+from admmprune.app.pipeline._workdir import MetricsLog, claim, io_error, save_model_once, write_json_atomic
 from admmprune.core import admm as admm_lib
 from admmprune.core import masking
 from admmprune.core.sparsity import format_plan, is_spec
@@ -65,6 +70,7 @@ class _Progress:
     elapsed_before: float = 0.0
     data_state: Any = None
     resumed_from: int | None = None
+    restored: Any = None  # the training state of the checkpoint resumed from, until its phase takes it
 
 
 def _new_report(s: Settings) -> dict[str, Any]:
@@ -111,8 +117,11 @@ def run(
       is not written.
 
     Raises:
-      UserError: for a bad config, a workdir that holds another run, data
-        that cannot be had, or a loss that became NaN or infinite.
+      UserError: for a bad config, a workdir that holds another run (or is
+        in use, damaged, read-only or full), data that cannot be had, or a
+        loss that became NaN or infinite.
+      Preempted: SIGTERM came while training; a checkpoint of the step it
+        stopped at is saved, and a rerun resumes from it.
     """
     # Only process 0 of a multi-process run prints and writes files.
     log = log or (lambda line: print(line, flush=True) if distributed.is_primary() else None)
@@ -124,30 +133,81 @@ def run(
     # Data and model first: a run that cannot start must not claim the workdir.
     r = prepare(s, workdir, log)
     distributed.check_same(json_key(s, workdir), "configs or workdirs")
-    finished = distributed.primary_first(lambda: claim(s.comparable, workdir))
+    finished, lock = distributed.primary_first(
+        lambda: claim(s.comparable, workdir, log=log, lock=distributed.is_primary())
+    )
     if finished is not None:
         log(f"run in {workdir} is complete: {os.path.join(workdir, 'report.json')}")
         return finished
+    try:
+        return _train(r, stop_after, t_start)
+    except OSError as e:  # a full disk, a read-only file system: the user's to fix
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        raise io_error(e, f"write to workdir {workdir}") from None
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train(r: Run, stop_after: str | None, t_start: float) -> dict[str, Any]:
+    """The phases of a claimed run, from its start or its latest checkpoint, and its report."""
+    s, workdir, log = r.settings, r.workdir, r.log
     phases = plan_phases(s)
     _describe(r, phases)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    progress = _resume_point(ckpt, s, phases, log)
-    metrics = MetricsLog(
-        os.path.join(workdir, "metrics.jsonl"), progress.resumed_from or 0, enabled=distributed.is_primary()
-    )
+    metrics = None
+    try:
+        progress = _resume_point(r, ckpt, phases)
+        metrics = MetricsLog(
+            os.path.join(workdir, "metrics.jsonl"),
+            progress.resumed_from or 0,
+            enabled=distributed.is_primary(),
+            log=log,
+        )
+        report = _phases_of(r, phases, progress, ckpt, metrics, stop_after, t_start)
+    except BaseException:
+        # orbax's threads must end before the interpreter does, or they print
+        # tracebacks of their own after the error's one line.
+        for closing in (metrics, ckpt):
+            try:
+                if closing is not None:
+                    closing.close()
+            except Exception:  # the error that got us here is the one to report
+                pass
+        raise
+    metrics.close()
+    ckpt.close()
+    if report is None:  # stopped after the dense phase
+        log(f"dense model in {os.path.join(workdir, 'dense')}")
+        return progress.report
+    return _conclude(r, progress.report, lambda: progress.elapsed_before + time.perf_counter() - t_start)
+
+
+def _phases_of(r: Run, phases, progress: _Progress, ckpt, metrics, stop_after, t_start) -> dict | None:
+    """Trains the phases left; returns the report so far, or None when ``stop_after`` stopped it."""
+    workdir = r.workdir
 
     def elapsed() -> float:
         return progress.elapsed_before + time.perf_counter() - t_start
+
+    def diverged(what: str) -> UserError:
+        latest = ckpt.latest_step()
+        if latest is None:
+            return UserError(
+                f"{what}; stopped before the first checkpoint: lower the learning rate or rho and rerun "
+                f"(the same --workdir {workdir} is accepted)"
+            )
+        return UserError(
+            f"{what}; stopped, and the last good checkpoint (step {latest}) stays in {ckpt.directory}: "
+            "lower the learning rate or rho and use a new --workdir"
+        )
 
     def save(phase_index: int, phase_step: int, step: int, data_state) -> None:
         if ckpt.latest_step() is not None and ckpt.latest_step() >= step:
             return
         if not _finite(r.params):
-            raise UserError(
-                f"the parameters are not finite at step {step}; stopped, and the last good "
-                f"checkpoint stays in {workdir}: lower the learning rate or rho and use a new --workdir"
-            )
+            raise diverged(f"the parameters are not finite at step {step}")
         state = {"params": r.params, "rest": r.rest, "opt_state": r.opt_state}
         if r.gates is not None:
             state["gates"] = r.gates
@@ -161,23 +221,28 @@ def run(
         }
         ckpt.save(step, state, data_state=data_state, metadata=meta)
 
+    def preempted(step: int) -> Preempted:
+        return Preempted(
+            f"stopped by SIGTERM at step {step}: checkpoint {step} is saved in {ckpt.directory}; "
+            "rerun the same command to resume"
+        )
+
     dense_dir = os.path.join(workdir, "dense")
-    try:
+    with StopOnSigterm(every=r.settings.log_every) as stop:
         for i, phase in enumerate(phases):
             if stop_after == "dense" and i > 0:
-                log(f"dense model in {dense_dir}")
-                return progress.report
+                return None
             if i < progress.phase:
                 continue
-            if not _run_phase(r, phases, i, progress, ckpt=ckpt, metrics=metrics, save=save, elapsed=elapsed):
+            hooks = _phases.Hooks(metrics=metrics, save=save, diverged=diverged, stop=stop, preempted=preempted)
+            if not _run_phase(r, phases, i, progress, hooks=hooks, elapsed=elapsed):
                 continue  # a resumed phase that had ended
             if phase.kind == "dense":
                 save_model_once(dense_dir, nnx.merge(r.graphdef, r.params, r.rest, copy=True))
             save(i, phase.epochs * r.steps_per_epoch, progress.global_step, None)
-    finally:
-        metrics.close()
-        ckpt.close()
-    return _conclude(r, progress.report, elapsed)
+            if stop.signalled:
+                raise preempted(progress.global_step)
+    return progress.report
 
 
 def json_key(s: Settings, workdir: str) -> str:
@@ -199,29 +264,73 @@ def _describe(r: Run, phases: list[Phase]) -> None:
     )
 
 
-def _resume_point(ckpt: Checkpointer, s: Settings, phases: list[Phase], log) -> _Progress:
-    latest = ckpt.latest_step()
-    if latest is None:
-        return _Progress(_new_report(s))
-    meta = ckpt.restore_metadata()
-    progress = _Progress(
-        meta["report"], meta["phase"], meta["phase_step"], latest, meta["elapsed"], resumed_from=latest
+def _resume_point(r: Run, ckpt: Checkpointer, phases: list[Phase]) -> _Progress:
+    """Where to start: the newest checkpoint that restores (damaged ones are set aside), or the beginning."""
+    set_aside = []
+    while (latest := ckpt.latest_step()) is not None:
+        try:
+            meta = _checked_metadata(ckpt, latest, phases)
+            restored = _restore(r, phases, meta["phase"], ckpt, latest)
+        except UserError as e:
+            aside = ckpt.set_aside(latest)
+            set_aside.append(aside)
+            r.log(f"warning: {e}; moved it to {aside}, trying the checkpoint before it")
+            continue
+        progress = _Progress(
+            meta["report"],
+            meta["phase"],
+            meta["phase_step"],
+            latest,
+            meta["elapsed"],
+            data_state=restored.data_state,
+            resumed_from=latest,
+            restored=restored.state,
+        )
+        r.log(f"resuming from checkpoint step {latest} ({phases[progress.phase].name}, step {progress.step})")
+        return progress
+    if set_aside:
+        raise UserError(
+            f"no checkpoint in {ckpt.directory} restores (set aside: {', '.join(set_aside)}); "
+            "rerun the same command to start the run over, or use another --workdir"
+        )
+    return _Progress(_new_report(r.settings))
+
+
+def _checked_metadata(ckpt: Checkpointer, step: int, phases: list[Phase]) -> dict[str, Any]:
+    meta = ckpt.restore_metadata(step)
+    ok = (
+        isinstance(meta, dict)
+        and isinstance(meta.get("phase"), int)
+        and 0 <= meta["phase"] < len(phases)
+        and isinstance(meta.get("phase_step"), int)
+        and isinstance(meta.get("report"), dict)
+        and isinstance(meta.get("elapsed"), (int, float))
     )
-    log(f"resuming from checkpoint step {latest} ({phases[progress.phase].name}, step {progress.step})")
-    return progress
+    if not ok:
+        raise UserError(f"checkpoint step {step} in {ckpt.directory} is damaged: its metadata is not the pipeline's")
+    return meta
 
 
-def _run_phase(r: Run, phases, i: int, progress: _Progress, *, ckpt, metrics, save, elapsed) -> bool:
+def _phase_tx(r: Run, phases: list[Phase], i: int):
+    """The transformation of phase ``i`` (as training builds it), and whether it trains gates."""
+    phase = phases[i]
+    gated = r.gated(phase)
+    steps = phase.epochs * r.steps_per_epoch
+    # The masks live in keep_masked's state, so all-True ones give the same step.
+    return make_tx(r.settings, phase, r.specs, steps, _all_true(r.specs, r.params), gated=gated), gated
+
+
+def _run_phase(r: Run, phases, i: int, progress: _Progress, *, hooks: _phases.Hooks, elapsed) -> bool:
     """Enters (or resumes) and trains phase ``i``; returns ``False`` if a resumed phase had ended."""
     phase = phases[i]
     steps = phase.epochs * r.steps_per_epoch
     resuming = i == progress.phase and progress.resumed_from is not None
     t_phase = elapsed()
-    # The masks live in keep_masked's state, so all-True ones give the same step.
-    gated = r.gated(phase)
-    tx = make_tx(r.settings, phase, r.specs, steps, _all_true(r.specs, r.params), gated=gated)
+    tx, _ = _phase_tx(r, phases, i)
     if resuming:
-        _restore(r, tx, gated, ckpt, progress)
+        state, progress.restored = progress.restored, None
+        r.params, r.rest, r.opt_state = (state[k] for k in ("params", "rest", "opt_state"))
+        r.gates = state.get("gates")
         if progress.step >= steps:  # the phase had ended: on to the next one
             progress.resumed_from = None
             return False
@@ -235,25 +344,23 @@ def _run_phase(r: Run, phases, i: int, progress: _Progress, *, ckpt, metrics, sa
         start_step=progress.step if resuming else 0,
         data_state=progress.data_state,
         global_step=progress.global_step,
-        metrics=metrics,
-        save=save,
+        hooks=hooks,
     )
     progress.resumed_from = None
     _phases.finish(r, phase, progress.report, elapsed() - t_phase)
     return True
 
 
-def _restore(r: Run, tx, gated: bool, ckpt: Checkpointer, progress: _Progress) -> None:
-    r.gates = r.settings.method.init_gates(r.params, r.specs) if gated else None
-    trainable = (r.params, r.gates) if gated else r.params
+def _restore(r: Run, phases: list[Phase], i: int, ckpt: Checkpointer, step: int):
+    """Restores checkpoint ``step`` of phase ``i`` (every process its shards), whole on every process."""
+    tx, gated = _phase_tx(r, phases, i)
+    gates = r.settings.method.init_gates(r.params, r.specs) if gated else None
+    trainable = (r.params, gates) if gated else r.params
     target = {"params": r.params, "rest": r.rest, "opt_state": jax.eval_shape(tx.init, trainable)}
     if gated:
-        target["gates"] = r.gates
-    restored = ckpt.restore(r.dist.abstract(target))
-    state = r.dist.local(restored.state)
-    r.params, r.rest, r.opt_state = (state[k] for k in ("params", "rest", "opt_state"))
-    r.gates = state.get("gates")
-    progress.data_state = restored.data_state
+        target["gates"] = gates
+    restored = ckpt.restore(r.dist.abstract(target), step=step)
+    return restored._replace(state=r.dist.local(restored.state))
 
 
 def _conclude(r: Run, report: dict[str, Any], elapsed) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from admmprune.app import methods as methods_lib
 from admmprune.app.methods import Method, Optimizer, Phase
 from admmprune.core import schedules
 from admmprune.models import names as model_names
+from admmprune.runtime.data import AUGMENTATIONS
 
 SCHEDULES = ("constant", "cosine")
 # Config fields that do not change results: a rerun may differ in them (a run
@@ -26,6 +27,8 @@ SCHEDULES = ("constant", "cosine")
 RUNTIME_KEYS = ("progress", "distributed")
 # The config sections the methods are built from (as plain dicts).
 _METHOD_SECTIONS = ("prune", "admm", "magnitude", "l1_mask", "slimming", "group_lasso", "relaxation")
+# The loaders' seeds are seed * 1000 + phase + 1, and must stay below 2**32.
+MAX_SEED = (2**32 - 1000) // 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +116,14 @@ def check_config(config: ConfigDict) -> tuple[float, ...]:
     Raises:
       UserError: naming the first bad field and what it should be.
     """
+    seed = config.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UserError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    augment = config.data.augment
+    if not isinstance(augment, str) or any(a and a not in AUGMENTATIONS for a in augment.split(",")):
+        raise UserError(
+            f"data.augment must be comma-separated names from {', '.join(AUGMENTATIONS)} (or empty), got {augment!r}"
+        )
     ratio = config.prune.ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
         raise UserError(f"the pruning ratio must be a number in (0, 1), got {ratio!r}")

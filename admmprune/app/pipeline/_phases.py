@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
@@ -10,8 +11,9 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
-from admmprune._errors import UserError
+from admmprune._errors import Preempted, UserError
 from admmprune.app.methods import Phase, PruneInputs
+from admmprune.app.pipeline._preempt import StopOnSigterm
 from admmprune.app.pipeline._run import Run
 from admmprune.app.pipeline._steps import make_train_step, make_tx
 from admmprune.app.pipeline._workdir import MetricsLog
@@ -20,6 +22,18 @@ from admmprune.core import masking
 from admmprune.runtime import distributed
 from admmprune.structure import collapse as collapse_lib
 from admmprune.structure import graph
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """What training calls back into the run for: its metrics log, its
+    checkpoints, the error a loss gone bad raises, and preemption."""
+
+    metrics: MetricsLog
+    save: Callable[[int, int, int, Any], None]  # (phase, phase step, global step, data state)
+    diverged: Callable[[str], UserError]
+    stop: StopOnSigterm
+    preempted: Callable[[int], Preempted]
 
 
 def begin(run: Run, phases: list[Phase], i: int) -> None:
@@ -117,10 +131,15 @@ def train(
     start_step: int,
     data_state: Any,
     global_step: int,
-    metrics: MetricsLog,
-    save: Callable[[int, int, int, Any], None],
+    hooks: Hooks,
 ) -> int:
-    """Trains phase ``i`` from ``start_step``; returns the global step reached."""
+    """Trains phase ``i`` from ``start_step``; returns the global step reached.
+
+    Raises:
+      UserError: the loss became NaN or infinite (``hooks.diverged``).
+      Preempted: SIGTERM came (``hooks.stop``): a checkpoint of the step
+        reached is saved first.
+    """
     s = run.settings
     steps = phase.epochs * run.steps_per_epoch
     if steps == 0:
@@ -163,11 +182,8 @@ def train(
         for step, m in jax.device_get(pending):
             record = {"step": step, "phase": phase.name, **{k: float(v) for k, v in m.items()}}
             if not math.isfinite(record["loss"]):
-                raise UserError(
-                    f"the loss became {record['loss']} at step {step} ({phase.name}); stopped, and the last "
-                    f"good checkpoint stays in {run.workdir}: lower the learning rate or rho and use a new --workdir"
-                )
-            metrics.write(record)
+                raise hooks.diverged(f"the loss became {record['loss']} at step {step} ({phase.name})")
+            hooks.metrics.write(record)
         if pending:
             bar.set_postfix(loss=f"{record['loss']:.4f}")
         pending.clear()
@@ -189,7 +205,12 @@ def train(
                 flush()
             if phase_step % every == 0 and phase_step < steps:
                 flush()  # never checkpoint past a loss that went bad
-                save(i, phase_step, global_step, it.get_state())
+                hooks.save(i, phase_step, global_step, it.get_state())
+            # The phase's last step is left to the run, which reports on the phase before it saves.
+            if phase_step < steps and hooks.stop.requested(phase_step):
+                flush()
+                hooks.save(i, phase_step, global_step, it.get_state())
+                raise hooks.preempted(global_step)
     finally:
         bar.close()
     run.params, run.rest, run.opt_state, run.gates = run.dist.local((run.params, run.rest, run.opt_state, run.gates))
