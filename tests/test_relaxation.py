@@ -7,17 +7,18 @@ import numpy as np
 import optax
 from flax import nnx
 
-from admmprune import collapse, costs, discovery, gates, methods, models
+from admmprune import collapse, costs, discovery, gates, methods, models, pipeline
 from admmprune.configs import default
 
 
-def relaxation_config(ratio, **overrides):
+def relaxation(ratio, **overrides):
+    """The relaxation method as the pipeline builds it from a config."""
     config = default.get_config()
     config.prune.method = "relaxation"
     config.prune.ratio = ratio
     for key, value in overrides.items():
         config.relaxation[key] = value
-    return config
+    return pipeline.settings(config).method
 
 
 def segmentation_batch(rng, n=8, size=16):
@@ -33,16 +34,19 @@ def test_relaxation_prunes_and_collapses_a_unet_for_segmentation():
     found = discovery.discover_nnx(model, x)
     specs = found.specs
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    config = relaxation_config(0.5, gate_learning_rate=0.2, flops_weight=5.0, polarization_weight=0.5)
+    method = relaxation(0.5, gate_learning_rate=0.2, flops_weight=5.0, polarization_weight=0.5)
     macs = costs.layer_macs(model, x[:1])
-    macs_model, target = methods.budget(config, params, specs, macs)
+    unet = methods.Target(
+        model_name="unet", specs=specs, layer_macs=lambda: macs, removable_groups=lambda p: set(), taylor_grads=None
+    )
+    macs_model, target = method.budget(params, unet)
     dense_macs = sum(macs.values())
     assert 0.2 * dense_macs < target < 0.3 * dense_macs  # keeping half of every group: about a quarter
 
-    penalty = methods.penalty(config, macs_model, target)
-    logits = methods.init_gates(config, params, specs)
+    penalty = method.penalty(params, unet)
+    logits = method.init_gates(params, specs)
     tx = optax.multi_transform(
-        {"w": optax.sgd(0.05), "g": optax.adam(config.relaxation.gate_learning_rate)},
+        {"w": optax.sgd(0.05), "g": optax.adam(method.gate_learning_rate)},
         lambda t: (jax.tree.map(lambda _: "w", t[0]), jax.tree.map(lambda _: "g", t[1])),
     )
     state = tx.init((params, logits))
@@ -50,7 +54,7 @@ def test_relaxation_prunes_and_collapses_a_unet_for_segmentation():
     @jax.jit
     def step(trainable, rest, state):
         def loss(t, rest):
-            p = gates.apply(t[0], methods.gate_values(config, t[1]), specs)
+            p = gates.apply(t[0], method.gate_values(t[1]), specs)
             m = nnx.merge(graphdef, p, rest, copy=True)
             out = m(x)  # (B, H, W, classes): per-pixel logits
             ce = optax.softmax_cross_entropy_with_integer_labels(out, labels).mean()
@@ -65,12 +69,12 @@ def test_relaxation_prunes_and_collapses_a_unet_for_segmentation():
         for _ in range(60):
             trainable, rest, state, _ = step(trainable, rest, state)
     params, logits = trainable
-    values = methods.gate_values(config, logits)
+    values = method.gate_values(logits)
     # The budget term pulled the gated compute down to (near) the target.
     assert float(macs_model(values)) < 1.3 * target
 
-    keep = {k: np.asarray(v) >= config.relaxation.threshold for k, v in values.items()}
-    scores = methods.channel_scores(config, params, specs, logits)
+    keep = {k: np.asarray(v) >= method.threshold for k, v in values.items()}
+    scores = method.scores(params, specs, logits, unet)
     keep = methods.keep_at_least_one(keep, scores, set())
     assert all(k.any() for k in keep.values()) and sum(k.sum() for k in keep.values()) < sum(
         k.size for k in keep.values()
