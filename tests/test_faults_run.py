@@ -21,7 +21,6 @@ from _cli import ROOT, SMOKE, cli, command, kill_after_checkpoint, strip_timing
 
 from admmprune import UserError, train
 from admmprune.app import pipeline
-from admmprune.app.pipeline import _workdir
 from admmprune.checkpoint import Checkpointer
 
 # One ADMM stage: the faults do not depend on the length of the run.
@@ -70,9 +69,9 @@ def comparable(data_dir, *args):
 def fake_run(workdir, data_dir, *, report=None):
     """A workdir as a run of the short smoke config leaves it: its config (and report)."""
     os.makedirs(workdir, exist_ok=True)
-    _workdir.write_json_atomic(os.path.join(workdir, "config.json"), comparable(data_dir))
+    pipeline.write_json_atomic(os.path.join(workdir, "config.json"), comparable(data_dir))
     if report is not None:
-        _workdir.write_json_atomic(os.path.join(workdir, "report.json"), report)
+        pipeline.write_json_atomic(os.path.join(workdir, "report.json"), report)
 
 
 def mount(*args):
@@ -172,7 +171,7 @@ def test_a_run_that_never_reached_a_checkpoint_gives_way_to_the_corrected_config
     os.makedirs(os.path.join(workdir, "checkpoints", "8.orbax-checkpoint-tmp"))  # a save that did not end
     notes = []
     corrected = comparable(data_dir, "--config.dense.learning_rate=0.0123")
-    finished, lock = _workdir.claim(corrected, workdir, log=notes.append)
+    finished, lock = pipeline.claim(corrected, workdir, log=notes.append)
     lock.release()
     assert finished is None and "never reached a checkpoint" in notes[0]
     with open(os.path.join(workdir, "config.json")) as f:
@@ -180,7 +179,7 @@ def test_a_run_that_never_reached_a_checkpoint_gives_way_to_the_corrected_config
     # Once a checkpoint exists, the workdir is that run's.
     os.makedirs(os.path.join(workdir, "checkpoints", "8"))
     with pytest.raises(UserError, match="different config"):
-        _workdir.claim(comparable(data_dir), workdir, log=notes.append)
+        pipeline.claim(comparable(data_dir), workdir, log=notes.append)
 
 
 # --- the lock ---------------------------------------------------------------------
@@ -189,7 +188,7 @@ def test_a_run_that_never_reached_a_checkpoint_gives_way_to_the_corrected_config
 def test_a_workdir_in_use_is_refused_at_once_naming_its_holder(tmp_path, capsys, data_dir):
     workdir = tmp_path / "run"
     fake_run(workdir, data_dir)
-    holder = _workdir.WorkdirLock.acquire(str(workdir), print)
+    holder = pipeline.WorkdirLock.acquire(str(workdir), print)
     try:
         before = snapshot(workdir)
         t0 = time.perf_counter()
@@ -214,7 +213,7 @@ def test_a_stale_lock_is_taken_over_with_a_note_and_leftovers_are_removed(tmp_pa
     (workdir / "report.json.tmp-4242").write_text("{")
     (workdir / "config.json.tmp-4242").write_text("{")
     notes = []
-    finished, lock = _workdir.claim(comparable(data_dir), str(workdir), log=notes.append)
+    finished, lock = pipeline.claim(comparable(data_dir), str(workdir), log=notes.append)
     try:
         assert finished is None
         assert len(notes) == 1 and "took over the lock of pid 999999 on host gone" in notes[0]
@@ -233,7 +232,7 @@ def test_a_garbage_line_in_metrics_is_reported_and_kept_aside(tmp_path):
     with open(path, "w") as f:
         f.writelines(lines)
     notes = []
-    _workdir.MetricsLog(path, 2, log=notes.append).close()
+    pipeline.MetricsLog(path, 2, log=notes.append).close()
     with open(path) as f:
         assert f.read() == lines[0] + lines[2]  # history kept; the cut last line is a crash's
     assert len(notes) == 1 and "line 2 not a JSON record" in notes[0] and "metrics.jsonl.damaged" in notes[0]

@@ -47,7 +47,14 @@ from admmprune.app.pipeline._config import SCHEDULES, Settings, check_config, pl
 from admmprune.app.pipeline._preempt import StopOnSigterm
 from admmprune.app.pipeline._run import Run, prepare
 from admmprune.app.pipeline._steps import learning_rate, make_eval, make_train_step, make_tx
-from admmprune.app.pipeline._workdir import MetricsLog, claim, io_error, save_model_once, write_json_atomic
+from admmprune.app.pipeline._workdir import (
+    MetricsLog,
+    WorkdirLock,
+    claim,
+    io_error,
+    save_model_once,
+    write_json_atomic,
+)
 from admmprune.core import admm as admm_lib
 from admmprune.core import masking
 from admmprune.core.sparsity import format_plan, is_spec
@@ -411,10 +418,13 @@ __all__ = [
     "METHODS",
     "SCHEDULES",
     "STOP_AFTER",
+    "MetricsLog",
     "Phase",
     "Run",
     "Settings",
+    "WorkdirLock",
     "check_config",
+    "claim",
     "learning_rate",
     "make_eval",
     "make_train_step",
@@ -422,4 +432,5 @@ __all__ = [
     "plan_phases",
     "run",
     "settings",
+    "write_json_atomic",
 ]
