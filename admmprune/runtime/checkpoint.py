@@ -96,7 +96,8 @@ def _ignore_stray_callbacks() -> None:
 
     Python reports them through ``sys.unraisablehook`` or, from a native
     thread's callback, ``sys.excepthook``; this chains hooks that drop only
-    them, once per process.
+    them, and orbax's own read coroutines that the same failure left behind
+    (their error is the one already reported), once per process.
     """
 
     def stray(e) -> bool:
@@ -106,7 +107,11 @@ def _ignore_stray_callbacks() -> None:
     if not getattr(previous_unraisable, "_drops_stray_callbacks", False):
 
         def unraisable_hook(unraisable):
-            if not stray(unraisable.exc_value):
+            # Also the other reads of an operation orbax gave up on: coroutines of
+            # its own that end in the same error after it (reported already, in one line).
+            code = getattr(unraisable.object, "cr_code", None)
+            abandoned = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+            if not (stray(unraisable.exc_value) or abandoned):
                 previous_unraisable(unraisable)
 
         unraisable_hook._drops_stray_callbacks = True
@@ -528,6 +533,7 @@ def load_model(directory: str | os.PathLike) -> Any:
         UserError: the directory does not exist or holds no saved model, or the
             saved model's files are damaged (the message names the file).
     """
+    _ignore_stray_callbacks()  # orbax's reads of a damaged array may outlive its error
     from flax import nnx
 
     from admmprune import models
