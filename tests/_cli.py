@@ -50,3 +50,14 @@ def strip_timing(obj):
     if isinstance(obj, list):
         return [strip_timing(v) for v in obj]
     return obj
+
+
+def snapshot(directory):
+    """Every file under ``directory`` with its size and mtime."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            p = os.path.join(root, f)
+            st = os.stat(p)
+            out[os.path.relpath(p, directory)] = (st.st_size, st.st_mtime_ns)
+    return out

@@ -17,7 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import pytest
-from _cli import ROOT, SMOKE, cli, command, kill_after_checkpoint, strip_timing
+from _cli import ROOT, SMOKE, cli, command, kill_after_checkpoint, snapshot, strip_timing
 
 from admmprune import UserError, train
 from admmprune.app import pipeline
@@ -33,17 +33,6 @@ def prepared(data_dir):
     from admmprune.runtime import data
 
     data.load_source("mnist", "test[:1]", data_dir)
-
-
-def snapshot(directory):
-    """Every file under ``directory`` with its size and mtime."""
-    out = {}
-    for root, _, files in os.walk(directory):
-        for f in files:
-            p = os.path.join(root, f)
-            st = os.stat(p)
-            out[os.path.relpath(p, directory)] = (st.st_size, st.st_mtime_ns)
-    return out
 
 
 def run_main(args, capsys, data_dir):

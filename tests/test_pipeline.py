@@ -7,22 +7,11 @@ import time
 import jax
 import numpy as np
 import pytest
-from _cli import SMOKE, cli, kill_after_checkpoint, strip_timing
+from _cli import SMOKE, cli, kill_after_checkpoint, snapshot, strip_timing
 
 import admmprune
 from admmprune import train
 from admmprune.checkpoint import Checkpointer
-
-
-def snapshot(directory):
-    """Every file under ``directory`` with its size and mtime."""
-    out = {}
-    for root, _, files in os.walk(directory):
-        for f in files:
-            p = os.path.join(root, f)
-            st = os.stat(p)
-            out[os.path.relpath(p, directory)] = (st.st_size, st.st_mtime_ns)
-    return out
 
 
 @pytest.fixture(scope="module")
