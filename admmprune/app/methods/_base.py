@@ -166,6 +166,11 @@ class ScoredMethod(Method):
     scope: str = "layer"
     round_to: int = 1
 
+    @staticmethod
+    def selection(values: Values) -> dict[str, Any]:
+        """The selection settings every scored method takes from a run's values."""
+        return {"scope": values["prune"]["scope"], "round_to": values["prune"]["round_to"]}
+
     def __post_init__(self):
         if self.scope not in criteria.SCOPES:
             raise UserError(f"prune.scope must be one of {criteria.SCOPES}, got {self.scope!r}")

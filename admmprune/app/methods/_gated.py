@@ -30,10 +30,6 @@ from admmprune.core import regularizers
 from admmprune.structure import costs, criteria, gates
 
 
-def _selection(values: Values) -> dict:
-    return {"scope": values["prune"]["scope"], "round_to": values["prune"]["round_to"]}
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Gated(ScoredMethod):
     """Gates trained next to the weights in the sparsify phase, under a penalty."""
@@ -83,7 +79,7 @@ class L1Mask(_Gated):
         return cls(
             strength=non_negative(values["l1_mask"]["strength"], "l1_mask.strength"),
             delta=values["l1_mask"]["delta"],
-            **_selection(values),
+            **cls.selection(values),
         )
 
     def penalty(self, params: Params, target: Target) -> Callable[[Any], jax.Array]:
@@ -107,7 +103,7 @@ class Slimming(L1Mask):
         return cls(
             strength=non_negative(values["slimming"]["strength"], "slimming.strength"),
             delta=values["l1_mask"]["delta"],
-            **_selection(values),
+            **cls.selection(values),
         )
 
     def uses_gates(self, specs: Specs) -> bool:
@@ -171,7 +167,7 @@ class Relaxation(_Gated):
             init_logit=r["init_logit"],
             threshold=r["threshold"],
             **numbers,
-            **_selection(values),
+            **cls.selection(values),
         )
 
     def init_gates(self, params: Params, specs: Specs) -> dict[str, jax.Array]:

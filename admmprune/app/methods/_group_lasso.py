@@ -28,8 +28,7 @@ class GroupLasso(ScoredMethod):
     def from_values(cls, values: Values) -> GroupLasso:
         return cls(
             strength=non_negative(values["group_lasso"]["strength"], "group_lasso.strength"),
-            scope=values["prune"]["scope"],
-            round_to=values["prune"]["round_to"],
+            **cls.selection(values),
         )
 
     def transform(

@@ -19,10 +19,6 @@ from admmprune.app.methods._base import (
 from admmprune.structure import criteria, gates
 
 
-def _selection(values: Values) -> dict:
-    return {"scope": values["prune"]["scope"], "round_to": values["prune"]["round_to"]}
-
-
 @register("magnitude")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Magnitude(ScoredMethod):
@@ -50,7 +46,7 @@ class Magnitude(ScoredMethod):
             criterion=values["prune"]["criterion"],
             iterative=values["magnitude"]["iterative"],
             seed=values["run"]["seed"],
-            **_selection(values),
+            **cls.selection(values),
         )
 
     def phases(self, stages: Sequence[float], epochs_per_stage: int, retrain_epochs: int) -> list[Phase]:
