@@ -8,7 +8,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
-TIMING_KEYS = {"seconds", "date", "machine", "latency_ms", "speedup"}
+TIMING_KEYS = {"seconds", "date", "machine", "latency_ms", "speedup", "time"}
 
 
 def command(*args, data_dir):

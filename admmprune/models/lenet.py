@@ -8,7 +8,7 @@ import jax.typing
 from flax import nnx
 
 from admmprune._errors import UserError
-from admmprune.models.layers import flatten, max_pool_2x2
+from admmprune.models.layers import Conv, flatten, max_pool_2x2
 
 _KERNEL = (5, 5)
 
@@ -83,8 +83,8 @@ class LeNet5(nnx.Module):
             "conv_relu": bool(conv_relu),
         }
         f1, f2, f3 = features
-        self.conv1 = nnx.Conv(c, f1, _KERNEL, padding="VALID", rngs=rngs)
-        self.conv2 = nnx.Conv(f1, f2, _KERNEL, padding="VALID", rngs=rngs)
+        self.conv1 = Conv(c, f1, _KERNEL, padding="VALID", rngs=rngs)
+        self.conv2 = Conv(f1, f2, _KERNEL, padding="VALID", rngs=rngs)
         self.fc1 = nnx.Linear(h * w * f2, f3, rngs=rngs)
         self.fc2 = nnx.Linear(f3, int(num_classes), rngs=rngs)
 

@@ -32,7 +32,7 @@ import jax.typing
 from flax import nnx
 
 from admmprune._errors import UserError
-from admmprune.models.layers import PerConvWidths
+from admmprune.models.layers import Conv, PerConvWidths
 
 _BN = {"momentum": 0.9, "epsilon": 1e-5}
 
@@ -63,7 +63,7 @@ class ConvBN(nnx.Module):
         rngs: nnx.Rngs,
     ):
         pad = kernel_size // 2
-        self.conv = nnx.Conv(
+        self.conv = Conv(
             in_features,
             out_features,
             (kernel_size, kernel_size),
@@ -137,9 +137,9 @@ class BasicBlock(nnx.Module):
         w1, w2 = widths[:2]
         pad = ((1, 1), (1, 1))
         # Each attribute is assigned once: NNX makes an attribute first set to None static.
-        self.conv1 = nnx.Conv(in_features, w1, (3, 3), strides, padding=pad, use_bias=False, rngs=rngs) if w1 else None
+        self.conv1 = Conv(in_features, w1, (3, 3), strides, padding=pad, use_bias=False, rngs=rngs) if w1 else None
         self.bn1 = nnx.BatchNorm(w1, **_BN, rngs=rngs) if w1 else None
-        self.conv2 = nnx.Conv(w1, w2, (3, 3), padding=pad, use_bias=False, rngs=rngs) if w1 else None
+        self.conv2 = Conv(w1, w2, (3, 3), padding=pad, use_bias=False, rngs=rngs) if w1 else None
         self.bn2 = nnx.BatchNorm(w2, **_BN, rngs=rngs)
         self.shortcut = ConvBN(in_features, widths[2], 1, strides=strides, rngs=rngs) if projection else None
 
@@ -172,13 +172,13 @@ class Bottleneck(nnx.Module):
     def __init__(self, in_features: int, widths: Sequence[int], *, strides: int, projection: bool, rngs: nnx.Rngs):
         w1, w2, w3 = widths[:3]
         live = bool(w1 and w2)  # conv1 and conv2 compute something
-        self.conv1 = nnx.Conv(in_features, w1, (1, 1), use_bias=False, rngs=rngs) if live else None
+        self.conv1 = Conv(in_features, w1, (1, 1), use_bias=False, rngs=rngs) if live else None
         self.bn1 = nnx.BatchNorm(w1, **_BN, rngs=rngs) if live else None
         self.conv2 = (
-            nnx.Conv(w1, w2, (3, 3), strides, padding=((1, 1), (1, 1)), use_bias=False, rngs=rngs) if live else None
+            Conv(w1, w2, (3, 3), strides, padding=((1, 1), (1, 1)), use_bias=False, rngs=rngs) if live else None
         )
         self.bn2 = nnx.BatchNorm(w2, **_BN, rngs=rngs) if w2 else None
-        self.conv3 = nnx.Conv(w2, w3, (1, 1), use_bias=False, rngs=rngs) if w2 else None
+        self.conv3 = Conv(w2, w3, (1, 1), use_bias=False, rngs=rngs) if w2 else None
         self.bn3 = nnx.BatchNorm(w3, **_BN, rngs=rngs)
         self.shortcut = ConvBN(in_features, widths[3], 1, strides=strides, rngs=rngs) if projection else None
 

@@ -23,7 +23,7 @@ import jax.typing
 from flax import nnx
 
 from admmprune._errors import UserError
-from admmprune.models.layers import PerConvWidths, max_pool_2x2
+from admmprune.models.layers import Conv, PerConvWidths, max_pool_2x2
 
 _BN = {"momentum": 0.9, "epsilon": 1e-5}
 
@@ -33,9 +33,9 @@ class DoubleConv(nnx.Module):
 
     def __init__(self, in_features: int, widths: Sequence[int], *, rngs: nnx.Rngs):
         w1, w2 = widths
-        self.conv1 = nnx.Conv(in_features, w1, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+        self.conv1 = Conv(in_features, w1, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
         self.bn1 = nnx.BatchNorm(w1, **_BN, rngs=rngs)
-        self.conv2 = nnx.Conv(w1, w2, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+        self.conv2 = Conv(w1, w2, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
         self.bn2 = nnx.BatchNorm(w2, **_BN, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,9 +56,9 @@ class Up(nnx.Module):
     def __init__(self, in_features: int, skip_features: int, widths: Sequence[int], *, rngs: nnx.Rngs):
         wu, w1, w2 = widths
         self.upconv = nnx.ConvTranspose(in_features, wu, (2, 2), strides=(2, 2), padding="VALID", rngs=rngs)
-        self.conv1 = nnx.Conv(skip_features + wu, w1, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+        self.conv1 = Conv(skip_features + wu, w1, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
         self.bn1 = nnx.BatchNorm(w1, **_BN, rngs=rngs)
-        self.conv2 = nnx.Conv(w1, w2, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
+        self.conv2 = Conv(w1, w2, (3, 3), padding="SAME", use_bias=False, rngs=rngs)
         self.bn2 = nnx.BatchNorm(w2, **_BN, rngs=rngs)
 
     def __call__(self, x: jax.Array, skip: jax.Array) -> jax.Array:
@@ -152,7 +152,7 @@ class UNet(PerConvWidths, nnx.Module):
             w = (next(it), next(it), next(it))
             setattr(self, f"up{i}", Up(c, skips[i], w, rngs=rngs))
             c = w[2]
-        self.head = nnx.Conv(c, int(num_classes), (1, 1), rngs=rngs)
+        self.head = Conv(c, int(num_classes), (1, 1), rngs=rngs)
 
     @staticmethod
     def _layout(depth: int, base: int) -> tuple[tuple[str, ...], tuple[int, ...]]:

@@ -21,7 +21,7 @@ import jax.typing
 from flax import nnx
 
 from admmprune._errors import UserError
-from admmprune.models.layers import PerConvWidths, max_pool_2x2
+from admmprune.models.layers import Conv, PerConvWidths, max_pool_2x2
 
 
 class VGG(PerConvWidths, nnx.Module):
@@ -81,7 +81,7 @@ class VGG(PerConvWidths, nnx.Module):
         self._layers = tuple(f"conv{i}" for i in range(1, len(widths) + 1))
         c = in_shape[2]
         for i, w in enumerate(widths, start=1):
-            setattr(self, f"conv{i}", nnx.Conv(c, w, (3, 3), padding="SAME", rngs=rngs))
+            setattr(self, f"conv{i}", Conv(c, w, (3, 3), padding="SAME", rngs=rngs))
             setattr(self, f"bn{i}", nnx.BatchNorm(w, momentum=0.9, epsilon=1e-5, rngs=rngs))
             c = w
         self.head = nnx.Linear(c, int(num_classes), rngs=rngs)

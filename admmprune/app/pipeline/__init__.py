@@ -42,7 +42,7 @@ from ml_collections import ConfigDict
 
 from admmprune._errors import ENVIRONMENT_ERRNOS, Preempted, UserError
 from admmprune.app.methods import METHODS, Phase
-from admmprune.app.pipeline import _phases
+from admmprune.app.pipeline import _phases, _timing
 from admmprune.app.pipeline._config import SCHEDULES, Settings, check_config, plan_phases, settings
 from admmprune.app.pipeline._preempt import StopOnSigterm
 from admmprune.app.pipeline._run import Run, prepare
@@ -194,6 +194,7 @@ def _train(r: Run, stop_after: str | None, t_start: float) -> dict[str, Any]:
 def _phases_of(r: Run, phases, progress: _Progress, ckpt, metrics, stop_after, t_start) -> dict | None:
     """Trains the phases left; returns the report so far, or None when ``stop_after`` stopped it."""
     workdir = r.workdir
+    r.clock = _timing.Clock(progress.report.setdefault("time", {}))
 
     def elapsed() -> float:
         return progress.elapsed_before + time.perf_counter() - t_start
@@ -244,9 +245,10 @@ def _phases_of(r: Run, phases, progress: _Progress, ckpt, metrics, stop_after, t
             hooks = _phases.Hooks(metrics=metrics, save=save, diverged=diverged, stop=stop, preempted=preempted)
             if not _run_phase(r, phases, i, progress, hooks=hooks, elapsed=elapsed):
                 continue  # a resumed phase that had ended
-            if phase.kind == "dense":
-                save_model_once(dense_dir, nnx.merge(r.graphdef, r.params, r.rest, copy=True))
-            save(i, phase.epochs * r.steps_per_epoch, progress.global_step, None)
+            with r.clock("checkpoint"):
+                if phase.kind == "dense":
+                    save_model_once(dense_dir, nnx.merge(r.graphdef, r.params, r.rest, copy=True))
+                save(i, phase.epochs * r.steps_per_epoch, progress.global_step, None)
             if stop.signalled:
                 raise preempted(progress.global_step)
     return progress.report
@@ -333,6 +335,7 @@ def _run_phase(r: Run, phases, i: int, progress: _Progress, *, hooks: _phases.Ho
     steps = phase.epochs * r.steps_per_epoch
     resuming = i == progress.phase and progress.resumed_from is not None
     t_phase = elapsed()
+    r.clock.phase = phase.name
     tx, _ = _phase_tx(r, phases, i)
     if resuming:
         state, progress.restored = progress.restored, None
@@ -373,6 +376,7 @@ def _restore(r: Run, phases: list[Phase], i: int, ckpt: Checkpointer, step: int)
 def _conclude(r: Run, report: dict[str, Any], elapsed) -> dict[str, Any]:
     """Collapses the retrained model, measures both, writes the report."""
     s, workdir = r.settings, r.workdir
+    r.clock.phase = None  # the report's time is the phases'; the collapse's is in "seconds"
     pruned_eval = report["retrain"]["accuracy"]
     # The masks live in keep_masked's state (the jitted step donated earlier buffers).
     r.masks = admm_lib.find_state(r.opt_state, masking.MaskedState).masks
@@ -411,6 +415,7 @@ def _conclude(r: Run, report: dict[str, Any], elapsed) -> dict[str, Any]:
         f"collapsed {report['speedup']:.1f}x faster (batch {s.measure_batch_size}), "
         f"{report['seconds']:.0f}s -> {os.path.join(workdir, 'report.json')}"
     )
+    r.log(f"time: {_timing.summary(report.get('time', {}))}")
     return report
 
 

@@ -177,26 +177,42 @@ def train(
     )
     phase_step = start_step
     pending = []  # per-step metrics stay on the device until the next flush
+    clock = run.clock
 
     def flush():
-        for step, m in jax.device_get(pending):
-            record = {"step": step, "phase": phase.name, **{k: float(v) for k, v in m.items()}}
-            if not math.isfinite(record["loss"]):
-                raise hooks.diverged(f"the loss became {record['loss']} at step {step} ({phase.name})")
-            hooks.metrics.write(record)
-        if pending:
-            bar.set_postfix(loss=f"{record['loss']:.4f}")
-        pending.clear()
+        with clock("compute"):  # waiting for the steps' results is where their compute shows
+            done = jax.device_get(pending)
+        with clock("log"):
+            for n, (step, m) in enumerate(done):
+                record = {"step": step, "phase": phase.name, **{k: float(v) for k, v in m.items()}}
+                if not math.isfinite(record["loss"]):
+                    raise hooks.diverged(f"the loss became {record['loss']} at step {step} ({phase.name})")
+                if n == len(done) - 1:
+                    record["time"] = clock.interval()
+                hooks.metrics.write(record)
+            if pending:
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            pending.clear()
+
+    def save():
+        flush()  # never checkpoint past a loss that went bad
+        with clock("checkpoint"):
+            hooks.save(i, phase_step, global_step, it.get_state())
 
     try:
-        for batch in it:
-            batch = run.dist.batch(batch)
-            if run.gates is None:
-                run.params, run.rest, run.opt_state, m = step_fn(run.params, run.rest, run.opt_state, batch)
-            else:
-                (run.params, run.gates), run.rest, run.opt_state, m = step_fn(
-                    (run.params, run.gates), run.rest, run.opt_state, batch
-                )
+        while True:
+            with clock("data"):
+                batch = next(it, None)
+                if batch is None:
+                    break
+                batch = run.dist.batch(batch)
+            with clock("compute"):
+                if run.gates is None:
+                    run.params, run.rest, run.opt_state, m = step_fn(run.params, run.rest, run.opt_state, batch)
+                else:
+                    (run.params, run.gates), run.rest, run.opt_state, m = step_fn(
+                        (run.params, run.gates), run.rest, run.opt_state, batch
+                    )
             phase_step += 1
             global_step += 1
             pending.append((global_step, m))
@@ -204,12 +220,10 @@ def train(
             if phase_step % s.log_every == 0 or phase_step == steps:
                 flush()
             if phase_step % every == 0 and phase_step < steps:
-                flush()  # never checkpoint past a loss that went bad
-                hooks.save(i, phase_step, global_step, it.get_state())
+                save()
             # The phase's last step is left to the run, which reports on the phase before it saves.
             if phase_step < steps and hooks.stop.requested(phase_step):
-                flush()
-                hooks.save(i, phase_step, global_step, it.get_state())
+                save()
                 raise hooks.preempted(global_step)
     finally:
         bar.close()

@@ -17,6 +17,7 @@ from admmprune._errors import UserError
 from admmprune.app.methods import Phase, Target
 from admmprune.app.pipeline._config import Settings
 from admmprune.app.pipeline._steps import make_eval
+from admmprune.app.pipeline._timing import Clock
 from admmprune.runtime import data as data_lib
 from admmprune.runtime import distributed
 from admmprune.structure import collapse as collapse_lib
@@ -53,6 +54,7 @@ class Run:
     opt_state: Any = None
     masks: Any = None
     gates: dict[str, jax.Array] | None = None  # per-channel gates (or logits) while a gated method trains them
+    clock: Clock = dataclasses.field(default_factory=lambda: Clock({}))  # where the time goes, per phase
 
     def gated(self, phase: Phase) -> bool:
         """Whether ``phase`` trains gates next to the weights."""
@@ -107,9 +109,10 @@ class Run:
             graphdef, p, rest = nnx.split(model, nnx.Param, ...)
             fn, args = make_eval(graphdef), (p, rest)
         correct = total = 0
-        for batch in self.eval_loader():
-            correct += int(fn(*args, batch["image"], batch["label"]))
-            total += len(batch["label"])
+        with self.clock("eval"):
+            for batch in self.eval_loader():
+                correct += int(fn(*args, batch["image"], batch["label"]))
+                total += len(batch["label"])
         return correct / total
 
     def measure(self, model: nnx.Module, *, latency: bool = True) -> dict[str, Any]:
