@@ -56,6 +56,7 @@ BENCHMARKS = {
     ],
     "admm_overhead": ["benchmarks/bench_admm_overhead.py", "--steps", "100", "--rounds", "8"],
     "collapse_latency": ["benchmarks/bench_collapse_latency.py"],
+    "vs_torch": ["benchmarks/bench_vs_torch.py", "--epochs", "lenet5,resnet20"],
     "data_parallel": ["benchmarks/bench_data_parallel.py", "--steps", "30", "--rounds", "3"],
 }
 CASES = ("lenet5-mnist", "resnet20-fashion")
@@ -279,6 +280,60 @@ def collapse_latency(res: dict) -> str:
     return table + "\n\n" + _provenance(r, "collapse_latency")
 
 
+def vs_torch(res: dict) -> str:
+    r = res["vs_torch"]
+    rows = []
+    for row in r["train"]:
+        rows.append(
+            [
+                f"{MODEL_NAMES[row['model']]} train step, batch {row['batch']}",
+                f"{row['torch_ms']:.1f} ms",
+                f"{row['admmprune_ms']:.1f} ms",
+                f"{row['vs_torch']:.2f}",
+            ]
+        )
+    for row in r["epoch"]:
+        rows.append(
+            [
+                f"{MODEL_NAMES[row['model']]} epoch, {MODEL_NAMES[row['dataset']]} ({row['steps']} steps)",
+                f"{row['torch_s']:.1f} s",
+                f"{row['admmprune_s']:.1f} s (pipeline overhead {_pct(row['overhead'])})",
+                f"{row['vs_torch']:.2f}",
+            ]
+        )
+    for row in r["eval"]:
+        what = "dense" if row["ratio"] == 0 else f"collapsed at {row['ratio']:g}"
+        rows.append(
+            [
+                f"{MODEL_NAMES[row['model']]} eval forward, batch 256, {what}",
+                f"{row['torch_ms']:.2f} ms",
+                f"{row['admmprune_ms']:.2f} ms",
+                f"{row['vs_torch']:.2f}",
+            ]
+        )
+    table = _table(["case (28x28x1)", "PyTorch", "admmprune (JAX)", "JAX / PyTorch"], rows)
+    speed = [
+        [
+            MODEL_NAMES[row["model"]],
+            f"{row['ratio']:g}",
+            "/".join(map(str, row["widths"])) if len(row["widths"]) <= 3 else f"{len(row['widths'])} convs",
+            f"{row['flops_ratio']:.2f}x",
+            f"{row['speedup']:.2f}x ({row['speedup'] / row['flops_ratio']:.2f})",
+            f"{row['torch_speedup']:.2f}x ({row['torch_speedup'] / row['flops_ratio']:.2f})",
+        ]
+        for row in r["eval"]
+        if row["ratio"] > 0
+    ]
+    table2 = _table(
+        ["model", "ratio", "widths", "FLOPs ratio", "admmprune speedup (of FLOPs ratio)", "PyTorch speedup"], speed
+    )
+    note = (
+        f"PyTorch {r['torch']} on {r['torch_threads']} threads against jax {r['jax']}, flax {r['flax']}; "
+        f"medians over {r['rounds']} alternating rounds in one run; epochs include admmprune's compilation."
+    )
+    return table + "\n\n" + table2 + "\n\n" + note + "\n\n" + _provenance(r, "vs_torch")
+
+
 def data_parallel(res: dict) -> str:
     r = res["data_parallel"]
     base = r["rows"][0]
@@ -305,6 +360,7 @@ def blocks(res: dict) -> dict[str, str]:
         "admm_vs_magnitude": admm_vs_magnitude(res),
         "admm_overhead": admm_overhead(res),
         "collapse_latency": collapse_latency(res),
+        "vs_torch": vs_torch(res),
         "data_parallel": data_parallel(res),
     }
     for case in CASES:

@@ -77,6 +77,25 @@ def test_smoke_pipeline_writes_metrics_plan_and_checkpoints(smoke_run):
     assert os.listdir(os.path.join(workdir, "checkpoints"))
 
 
+def test_smoke_pipeline_says_where_its_time_went(smoke_run):
+    """report["time"] splits each phase into activities; metrics.jsonl has each flush's share; the log sums them."""
+    workdir, report, result, seconds = smoke_run
+    time_ = report["time"]
+    assert set(time_) == {"dense", "admm 0.5", "admm 0.75", "admm 0.9", "retrain"}
+    for phase, parts in time_.items():
+        assert set(parts) == {"compute", "data", "eval", "checkpoint", "log"}, phase
+        assert min(parts.values()) >= 0 and parts["compute"] > 0 and parts["eval"] > 0, phase
+    assert time_["admm 0.5"]["checkpoint"] > 0  # the smoke config checkpoints within the phase too
+    assert sum(sum(p.values()) for p in time_.values()) < seconds
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    timed = [r for r in records if "time" in r]
+    # One per flush: every log_every (4) steps and at each phase's end.
+    assert len(records) / 4 <= len(timed) < len(records) and all(r["time"]["compute"] >= 0 for r in timed)
+    last = result.stdout.splitlines()[-1]
+    assert last.startswith("time: compute ") and "eval" in last
+
+
 def test_smoke_pipeline_is_fast(smoke_run):
     # The budget is 60 s on 2 cores; this machine may be shared, so allow slack.
     assert smoke_run[3] < 120
