@@ -274,7 +274,7 @@ def main():
             "torch_threads": torch.info["threads"],
             "flax": __import__("flax").__version__,
             "rounds": args.rounds,
-            **rows,
+            "rows": [{"case": case, **row} for case, case_rows in rows.items() for row in case_rows],
         },
     )
     print(f"wrote {args.out}")

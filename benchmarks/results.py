@@ -282,8 +282,9 @@ def collapse_latency(res: dict) -> str:
 
 def vs_torch(res: dict) -> str:
     r = res["vs_torch"]
+    case = {c: [row for row in r["rows"] if row["case"] == c] for c in ("train", "eval", "epoch")}
     rows = []
-    for row in r["train"]:
+    for row in case["train"]:
         rows.append(
             [
                 f"{MODEL_NAMES[row['model']]} train step, batch {row['batch']}",
@@ -292,7 +293,7 @@ def vs_torch(res: dict) -> str:
                 f"{row['vs_torch']:.2f}",
             ]
         )
-    for row in r["epoch"]:
+    for row in case["epoch"]:
         rows.append(
             [
                 f"{MODEL_NAMES[row['model']]} epoch, {MODEL_NAMES[row['dataset']]} ({row['steps']} steps)",
@@ -301,7 +302,7 @@ def vs_torch(res: dict) -> str:
                 f"{row['vs_torch']:.2f}",
             ]
         )
-    for row in r["eval"]:
+    for row in case["eval"]:
         what = "dense" if row["ratio"] == 0 else f"collapsed at {row['ratio']:g}"
         rows.append(
             [
@@ -321,7 +322,7 @@ def vs_torch(res: dict) -> str:
             f"{row['speedup']:.2f}x ({row['speedup'] / row['flops_ratio']:.2f})",
             f"{row['torch_speedup']:.2f}x ({row['torch_speedup'] / row['flops_ratio']:.2f})",
         ]
-        for row in r["eval"]
+        for row in case["eval"]
         if row["ratio"] > 0
     ]
     table2 = _table(

@@ -82,7 +82,7 @@ def assert_same_run(workdir, reference):
 
     Sums over a batch split across devices round differently, and ADMM's
     projections amplify that: until the first projection the losses agree to
-    ~1e-7, after it to ~1e-3 (measured: 2.5e-3 at most), and an evaluation may
+    ~1e-4 (see below), after it to ~1e-3 (measured: 2.5e-3 at most), and an evaluation may
     differ by an example or two; the channels kept are the same.
     """
     (report, metrics), (ref_report, ref_metrics) = read(workdir), read(reference)
@@ -91,7 +91,10 @@ def assert_same_run(workdir, reference):
     assert [m["step"] for m in metrics] == [m["step"] for m in ref_metrics]  # one writer, no step twice
     losses, ref_losses = np.array([m["loss"] for m in metrics]), np.array([m["loss"] for m in ref_metrics])
     dense = np.array([m["phase"] == "dense" for m in ref_metrics])
-    np.testing.assert_allclose(losses[dense], ref_losses[dense], rtol=1e-5)
+    # Rounding only, amplified by training: the kernel gradient is summed in batch chunks on CPU
+    # (one device: chunks of 16; eight: per-device sums of 8), so the dense losses differ by ~1e-4
+    # after 16 steps (measured 1.7e-4), where one whole-batch sum gave ~1e-6.
+    np.testing.assert_allclose(losses[dense], ref_losses[dense], rtol=1e-3)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)
     # The same channels kept: the collapsed models hold the same weights.
     slim, ref_slim = (
