@@ -46,7 +46,7 @@ class Clock:
         if self.phase is None:
             return
         phase = self.totals.setdefault(self.phase, dict.fromkeys(ACTIVITIES, 0.0))
-        phase[activity] = round(phase.get(activity, 0.0) + seconds, 4)
+        phase[activity] = phase.get(activity, 0.0) + seconds  # unrounded: a step's dispatch is microseconds
         self._interval[activity] = self._interval.get(activity, 0.0) + seconds
 
     def interval(self) -> dict[str, float]:
