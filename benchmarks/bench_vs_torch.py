@@ -132,7 +132,8 @@ def jax_train(model: nnx.Module, batch: int):
 def jax_eval(model: nnx.Module, batch: int):
     model.eval()
     graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    options = dict(pipeline.CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None  # as the pipeline's eval
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x), compiler_options=options)
     x = jax.random.normal(jax.random.key(0), (batch, *SHAPE))
 
     def fn(state, _):

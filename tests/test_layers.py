@@ -1,4 +1,4 @@
-"""The zoo's convolution: lax's values and gradients, with the kernel gradient summed over batch chunks on CPU."""
+"""The zoo's convolution and pool: lax's values and gradients in forms that are fast on CPU."""
 
 import jax
 import jax.numpy as jnp
@@ -61,3 +61,49 @@ def test_large_batches_use_at_most_the_chunk_limit(monkeypatch):
     assert sorted(b for b in batches if b < 10) == [2, 4, 4]  # ceil(10 / 3) = 4 per chunk
     reference = grad(nnx.Conv(2, 3, (3, 3), rngs=nnx.Rngs(0)))
     np.testing.assert_allclose(ours["kernel"][...], reference["kernel"][...], rtol=1e-5, atol=1e-5)
+
+
+TAPS_CASES = [
+    # one input channel: the value is computed as a sum over kernel taps on CPU
+    ((3, 28, 28, 1), (5, 5), {"padding": "VALID"}),
+    ((3, 9, 11, 1), (3, 3), {"padding": "SAME", "strides": 2}),
+    ((3, 9, 9, 1), (3, 3), {"padding": ((2, 0), (1, 3)), "kernel_dilation": 2}),
+    ((3, 8, 8, 1), (1, 1), {"use_bias": False}),
+]
+
+
+def _primitives(fn, *args):
+    jaxpr = jax.make_jaxpr(lambda *a: fn(*a))(*args).jaxpr  # a new function each time: no cached trace
+    return {e.primitive.name for e in jaxpr.eqns} | {e.primitive.name for e in _inner_eqns(jaxpr)}
+
+
+def _inner_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        for value in e.params.values():
+            inner = getattr(value, "jaxpr", value)
+            if hasattr(inner, "eqns"):
+                yield from inner.eqns
+                yield from _inner_eqns(inner)
+
+
+@pytest.mark.parametrize("shape,kernel,kwargs", TAPS_CASES)
+def test_one_channel_conv_value_is_lax_and_traces_as_lax_for_readers(shape, kernel, kwargs):
+    ours = layers.Conv(1, 6, kernel, rngs=nnx.Rngs(0), **kwargs)
+    theirs = nnx.Conv(1, 6, kernel, rngs=nnx.Rngs(0), **kwargs)
+    x = jax.random.normal(jax.random.key(1), shape)
+    expected = theirs(x)
+    np.testing.assert_allclose(ours(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(ours, x), expected, rtol=1e-5, atol=1e-5)
+    assert "conv_general_dilated" not in _primitives(ours, x)  # the taps form runs
+    with layers.reference_forms():
+        assert "conv_general_dilated" in _primitives(ours, x)  # what discovery and MAC counts read
+    assert "conv_general_dilated" not in _primitives(ours, x)  # and only inside the block
+
+
+def test_pool_value_is_strided_maxima_and_traces_as_a_reduction_for_readers():
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, 3))
+    assert "reduce_max" not in _primitives(layers.max_pool_2x2, x)
+    with layers.reference_forms():
+        assert "reduce_max" in _primitives(layers.max_pool_2x2, x)
+        reference = layers.max_pool_2x2(x)
+    np.testing.assert_array_equal(layers.max_pool_2x2(x), reference)  # maxima are exact in any order

@@ -44,6 +44,7 @@ from flax import nnx
 from admmprune._types import Specs, path_str
 from admmprune.core.groups import memberships
 from admmprune.core.sparsity import is_spec
+from admmprune.models.layers import reference_forms
 from admmprune.structure.measure import _as_function
 
 __all__ = ["gated_macs", "layer_macs"]
@@ -173,7 +174,8 @@ def layer_macs(fn: Callable[..., Any] | nnx.Module, *args: Any) -> dict[str, int
     paths = [path_str(p) for p, _ in with_path]
     sizes = [math.prod(np.shape(x)) for _, x in with_path]
     batch = np.shape(jax.tree.leaves(example)[0])[0]
-    closed = jax.make_jaxpr(fn)(*args)
+    with reference_forms():  # convs as convs, not their fast CPU form
+        closed = jax.make_jaxpr(lambda *a: fn(*a))(*args)  # a new function: no cached trace
     n_data = len(closed.jaxpr.invars) - len(paths)
     ins = [(frozenset({i}), False) for i in range(len(paths))] + [(frozenset(), True)] * n_data
     walker = _Walker(sizes)

@@ -24,13 +24,15 @@ scales linearly with the batch size.
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from admmprune.models.layers import reference_forms
 
 __all__ = ["count_nonzero", "count_params", "flops", "latency_ms"]
 
@@ -121,7 +123,8 @@ def flops(fn: Callable[..., Any] | nnx.Module, *example_args: Any) -> float:
     """
     fn, args = _as_function(fn, example_args)
     args = jax.tree.map(_abstract, args)
-    analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+    with reference_forms():  # count a conv's FLOPs as a conv's, whatever form runs it
+        analysis = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
     # Older jax returned a list with one dict per device program.
     if isinstance(analysis, list | tuple):
         analysis = analysis[0] if analysis else None
@@ -135,6 +138,7 @@ def latency_ms(
     *args: Any,
     repeats: int = 50,
     warmup: int = 3,
+    compiler_options: Mapping[str, Any] | None = None,
 ) -> dict[str, float]:
     """Wall-clock time of one call of ``jax.jit(fn)(*args)`` in milliseconds.
 
@@ -148,6 +152,9 @@ def latency_ms(
         *args: concrete arguments (arrays or pytrees of arrays).
         repeats: number of timed calls (>= 1).
         warmup: number of untimed calls after compilation.
+        compiler_options: XLA options for this compilation (``jax.jit``'s
+            ``compiler_options``), e.g. ``pipeline.CPU_COMPILER_OPTIONS``;
+            default XLA's.
 
     Returns:
         ``{"median", "p10", "p90", "min", "mean"}``, all in ms.
@@ -158,7 +165,7 @@ def latency_ms(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=}, {warmup=}")
     fn, args = _as_function(fn, args)
-    jitted = jax.jit(fn)
+    jitted = jax.jit(fn, compiler_options=None if compiler_options is None else dict(compiler_options))
     args = jax.device_put(args)
     jax.block_until_ready(jitted(*args))  # compile
     for _ in range(warmup):

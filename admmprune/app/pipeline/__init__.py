@@ -46,7 +46,7 @@ from admmprune.app.pipeline import _phases, _timing
 from admmprune.app.pipeline._config import SCHEDULES, Settings, check_config, plan_phases, settings
 from admmprune.app.pipeline._preempt import StopOnSigterm
 from admmprune.app.pipeline._run import Run, prepare
-from admmprune.app.pipeline._steps import CPU_TRAIN_OPTIONS, learning_rate, make_eval, make_train_step, make_tx
+from admmprune.app.pipeline._steps import CPU_COMPILER_OPTIONS, learning_rate, make_eval, make_train_step, make_tx
 from admmprune.app.pipeline._workdir import (
     MetricsLog,
     WorkdirLock,
@@ -420,7 +420,7 @@ def _conclude(r: Run, report: dict[str, Any], elapsed) -> dict[str, Any]:
 
 
 __all__ = [
-    "CPU_TRAIN_OPTIONS",
+    "CPU_COMPILER_OPTIONS",
     "METHODS",
     "SCHEDULES",
     "STOP_AFTER",

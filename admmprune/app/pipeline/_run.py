@@ -16,7 +16,7 @@ from admmprune import models
 from admmprune._errors import UserError
 from admmprune.app.methods import Phase, Target
 from admmprune.app.pipeline._config import Settings
-from admmprune.app.pipeline._steps import make_eval
+from admmprune.app.pipeline._steps import compiler_options, make_eval
 from admmprune.app.pipeline._timing import Clock
 from admmprune.runtime import data as data_lib
 from admmprune.runtime import distributed
@@ -123,7 +123,10 @@ class Run:
         out = {"params": measure.count_params(params), "flops": measure.flops(model, self.example)}
         if latency:
             x = jnp.zeros((s.measure_batch_size, *self.info.image_shape), jnp.float32)
-            out["latency_ms"] = measure.latency_ms(model, x, repeats=s.measure_repeats)["median"]
+            options = compiler_options()  # as the pipeline's eval compiles
+            out["latency_ms"] = measure.latency_ms(model, x, repeats=s.measure_repeats, compiler_options=options)[
+                "median"
+            ]
         return out
 
     def kept(self, masks) -> dict[str, dict[str, int]]:

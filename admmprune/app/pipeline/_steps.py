@@ -46,16 +46,18 @@ def _admm_metrics(opt_state) -> dict[str, jax.Array]:
     return {"primal_residual": sum(primal) / len(primal), "rho": jnp.max(jnp.stack(jax.tree.leaves(state.rho)))}
 
 
-#: XLA options of the training step on CPU. YNNPACK's fusions (XLA:CPU's
-#: default for convolutions and dots in jax 0.10) made LeNet-5's step slower:
-#: 59 ms with them, 43 ms without, batch 128, same process, alternating rounds
-#: (2-core x86_64, 2026-12-01); ResNet-20's step is the same either way.
-CPU_TRAIN_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+#: XLA options of the training and evaluation steps on CPU. YNNPACK's fusions
+#: (XLA:CPU's default for convolutions and dots in jax 0.10) were slower here:
+#: LeNet-5's train step 59 ms with them, 43 ms without (batch 128); ResNet-20's
+#: eval forward at batch 256 271 -> 216 ms dense and 82 -> 74 ms collapsed at
+#: 0.5; ResNet-20's train step the same either way (same process, alternating
+#: rounds, 2-core x86_64, 2026-12-01).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def compiler_options() -> dict[str, str] | None:
-    """:data:`CPU_TRAIN_OPTIONS` when JAX's default backend is the CPU, else ``None`` (XLA's defaults)."""
-    return dict(CPU_TRAIN_OPTIONS) if jax.default_backend() == "cpu" else None
+    """:data:`CPU_COMPILER_OPTIONS` when JAX's default backend is the CPU, else ``None`` (XLA's defaults)."""
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
 
 
 def make_train_step(
@@ -116,7 +118,7 @@ def make_train_step(
 def make_eval(graphdef: nnx.GraphDef) -> Callable:
     """The jitted count of correct predictions of a batch."""
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options())
     def correct(params, rest, images, labels):
         logits = nnx.merge(graphdef, params, rest)(images)
         return jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.int32))

@@ -11,6 +11,7 @@ import numpy as np
 
 from admmprune._types import Params, path_str
 from admmprune.core.sparsity import Channel, Coupled, Filter, validate
+from admmprune.models.layers import reference_forms
 
 from ._interpreter import Tracer
 from ._records import BOUNDARY, UNSUPPORTED, AVal, Slot
@@ -39,7 +40,8 @@ def analyze(
         leaves_with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
         flats.append([leaf for _, leaf in leaves_with_path])
         paths.extend(path_str(p) for p, _ in leaves_with_path)
-    closed = jax.make_jaxpr(fn)(*trees, *args)
+    with reference_forms():  # the zoo layers as the lax ops the rules read
+        closed = jax.make_jaxpr(lambda *a: fn(*a))(*trees, *args)  # a new function: no cached trace
     jaxpr = closed.jaxpr
     t = Tracer(paths)
     in_avals = []
