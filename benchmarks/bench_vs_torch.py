@@ -18,6 +18,10 @@ Cases (28x28x1 inputs, random data unless said):
   dense and collapsed at ratios 0.5 and 0.9 (channels chosen by a hard prune
   of the initial weights: latency depends on shapes, not values). PyTorch runs
   a model of the collapsed widths.
+- ``conv``: ResNet-20's 3x3 convolutions alone at batch 256, dense widths
+  (16/32/64 channels) and half widths (8/16/32): throughput in GFLOP/s per
+  width, the per-op evidence of how a collapsed model's speedup relates to
+  its FLOPs ratio in each framework.
 - ``epoch`` (``--epochs``): one full epoch through the real input pipeline:
   admmprune's dense phase (``pipeline.run(..., stop_after="dense")`` with
   one epoch; LeNet-5 on MNIST, ResNet-20 on Fashion-MNIST), whose report
@@ -48,6 +52,7 @@ from flax import nnx
 import admmprune as ap
 from admmprune import collapse, discovery, graph, measure, models, pipeline
 from admmprune.configs import default as default_config
+from admmprune.models import layers
 from admmprune.runtime import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,6 +147,23 @@ def jax_eval(model: nnx.Module, batch: int):
     return timer(fn, [state, None])
 
 
+def jax_conv(shape: tuple[int, ...], out: int, kernel: int):
+    """One bias-free SAME conv of the zoo (its inference form), compiled as the pipeline's eval."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, shape[-1], out))
+    options = dict(pipeline.CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+    dims = ("NHWC", "HWIO", "NHWC")
+    conv = jax.jit(
+        lambda x, w: layers.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims),
+        compiler_options=options,
+    )
+    return timer(lambda x, w, _: (x, w, conv(x, w)), [x, w, None])
+
+
+#: ResNet-20's 3x3 convs at batch 256, dense (16/32/64 channels) and collapsed at 0.5 (8/16/32).
+CONV_SHAPES = [(28, 16), (28, 8), (14, 32), (14, 16), (7, 64), (7, 32)]
+
+
 def collapsed(model: nnx.Module, ratio: float) -> nnx.Module:
     """``model`` hard-pruned at ``ratio`` (initial weights) and collapsed."""
     params = nnx.state(model, nnx.Param)
@@ -224,7 +246,7 @@ def main():
 
     torch = Torch(torch_python(args), args.threads)
     print(f"PyTorch {torch.info['torch']} ({torch.info['threads']} threads), jax {jax.__version__}", flush=True)
-    rows = {"train": [], "eval": [], "epoch": []}
+    rows = {"train": [], "eval": [], "epoch": [], "conv": []}
     for name in ("lenet5", "resnet20"):
         model = models.get(name, in_shape=SHAPE)
         widths = list(model.widths)
@@ -260,6 +282,27 @@ def main():
                     **result,
                 }
             )
+    for size, channels in CONV_SHAPES:
+        shape = (256, size, size, channels)
+        result = alternate(
+            f"3x3 conv {channels} -> {channels} channels, {size}x{size}, batch 256",
+            jax_conv(shape, channels, 3),
+            lambda n, shape=shape, c=channels: torch.ask(op="conv", shape=list(shape), out=c, kernel=3, n=n)["times"],
+            args.rounds,
+            args.eval_calls,
+        )
+        flops = 2 * 256 * size * size * channels * channels * 9
+        rows["conv"].append(
+            {
+                "size": size,
+                "channels": channels,
+                "batch": 256,
+                "flops": flops,
+                "admmprune_gflops": flops / result["admmprune_ms"] / 1e6,
+                "torch_gflops": flops / result["torch_ms"] / 1e6,
+                **result,
+            }
+        )
     for row in rows["eval"]:
         dense = next(r for r in rows["eval"] if r["model"] == row["model"] and r["ratio"] == 0)
         row["speedup"] = dense["admmprune_ms"] / row["admmprune_ms"]

@@ -282,7 +282,7 @@ def collapse_latency(res: dict) -> str:
 
 def vs_torch(res: dict) -> str:
     r = res["vs_torch"]
-    case = {c: [row for row in r["rows"] if row["case"] == c] for c in ("train", "eval", "epoch")}
+    case = {c: [row for row in r["rows"] if row["case"] == c] for c in ("train", "eval", "epoch", "conv")}
     rows = []
     for row in case["train"]:
         rows.append(
@@ -328,11 +328,23 @@ def vs_torch(res: dict) -> str:
     table2 = _table(
         ["model", "ratio", "widths", "FLOPs ratio", "admmprune speedup (of FLOPs ratio)", "PyTorch speedup"], speed
     )
+    tables = [table, table2]
+    if case["conv"]:
+        convs = [
+            [
+                f"{row['channels']} -> {row['channels']}, {row['size']}x{row['size']}",
+                f"{row['torch_ms']:.2f} ms ({row['torch_gflops']:.0f} GFLOP/s)",
+                f"{row['admmprune_ms']:.2f} ms ({row['admmprune_gflops']:.0f} GFLOP/s)",
+                f"{row['vs_torch']:.2f}",
+            ]
+            for row in case["conv"]
+        ]
+        tables.append(_table(["3x3 conv alone, batch 256", "PyTorch", "admmprune (JAX)", "JAX / PyTorch"], convs))
     note = (
         f"PyTorch {r['torch']} on {r['torch_threads']} threads against jax {r['jax']}, flax {r['flax']}; "
         f"medians over {r['rounds']} alternating rounds in one run; epochs include admmprune's compilation."
     )
-    return table + "\n\n" + table2 + "\n\n" + note + "\n\n" + _provenance(r, "vs_torch")
+    return "\n\n".join([*tables, note, _provenance(r, "vs_torch")])
 
 
 def data_parallel(res: dict) -> str:

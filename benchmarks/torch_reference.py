@@ -8,9 +8,11 @@ and take turns on the same machine:
     {"op": "train", "model": ..., "widths": [...], "batch": 128, "n": 10}
     {"op": "eval", "model": ..., "widths": [...], "batch": 256, "n": 10}
     {"op": "epoch", "model": ..., "widths": [...], "batch": 128, "data": "train.npz"}
+    {"op": "conv", "shape": [B, H, W, C], "out": ..., "kernel": 3, "n": 10}
 
 ``train``/``eval`` answer ``{"times": [seconds, ...]}`` for ``n`` steps on
 random data (the first call of a case builds it and warms it up, untimed);
+``conv`` times one bias-free "same"-padded convolution alone (inference mode);
 ``epoch`` answers ``{"seconds": ..., "steps": ...}`` for one shuffled epoch
 over the uint8 images of an ``.npz`` (``images`` NHWC, ``labels``), normalised
 and batched on the fly as a ``DataLoader`` over in-memory tensors would.
@@ -125,12 +127,37 @@ class Case:
         return time.perf_counter() - start, steps
 
 
+class Conv:
+    def __init__(self, shape, out, kernel):
+        b, h, w, c = shape
+        torch.manual_seed(0)
+        self.x = torch.randn(b, c, h, w)
+        self.w = torch.randn(out, c, kernel, kernel)
+        self.pad = kernel // 2
+        self.run(3)
+
+    def run(self, n):
+        times = []
+        with torch.inference_mode():
+            for _ in range(n):
+                start = time.perf_counter()
+                F.conv2d(self.x, self.w, padding=self.pad)
+                times.append(time.perf_counter() - start)
+        return times
+
+
 def main():
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads())
     cases = {}
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
+        if req["op"] == "conv":
+            key = ("conv", tuple(req["shape"]), req["out"], req["kernel"])
+            if key not in cases:
+                cases[key] = Conv(req["shape"], req["out"], req["kernel"])
+            print(json.dumps({"times": cases[key].run(req["n"])}), flush=True)
+            continue
         key = (req["model"], tuple(req["widths"]), req["batch"], req["op"] != "eval")
         if key not in cases:
             cases[key] = Case(req["model"], req["widths"], req["batch"], req["op"] != "eval")
