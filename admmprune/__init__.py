@@ -63,6 +63,7 @@ MOVED_MODULES = {
     "discovery": "admmprune.structure.discovery",
     "collapse": "admmprune.structure.collapse",
     "costs": "admmprune.structure.costs",
+    "budget": "admmprune.structure.budget",
     "gates": "admmprune.structure.gates",
     "criteria": "admmprune.structure.criteria",
     "measure": "admmprune.structure.measure",
