@@ -5,9 +5,11 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
+import admmprune as ap
 from admmprune import budget as budget_lib
 from admmprune import collapse, costs, graph, models
 from admmprune.sparsity import Channel, Coupled, Filter
@@ -107,3 +109,37 @@ def test_lenet5_under_a_budget_collapses_to_a_model_that_costs_what_was_reported
         ).values()
     )
     assert reported > budget - largest_channel
+
+
+def test_admm_with_the_budget_projector_ends_on_masks_that_fit():
+    tree = _tree(1)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((64, 4)), jnp.float32)
+    target = x @ tree["k1"][:, :1] @ tree["k2"][:1, :2] @ tree["k3"][:2]  # a model with 1 + 2 channels explains it
+
+    def loss(p):
+        return jnp.mean((x @ p["k1"] @ p["k2"] @ p["k3"] - target) ** 2)
+
+    budget = 10 * (4 * 1 + 1 * 2 + 2 * 2)
+    tx = optax.chain(
+        ap.admm(SPECS, rho=0.5, interval=10, projection=budget_lib.projector(MACS, budget)), optax.sgd(0.01)
+    )
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    params, state = tree, tx.init(tree)
+    for _ in range(600):
+        params, state = step(params, state)
+    admm_state = ap.find_state(state)
+    keep = {"a": np.asarray(admm_state.mask["k1"]).any(0), "b": np.asarray(admm_state.mask["k3"]).any(1)}
+    assert _macs(keep["a"], keep["b"]) <= budget
+    assert float(budget_lib.kept_macs(MACS, keep, SPECS)) == _macs(keep["a"], keep["b"])
+    # ADMM moved W onto the set: the part of W outside the kept channels is small.
+    pruned = ap.apply_masks(params, admm_state.mask)
+    outside = sum(float(jnp.sum((params[k] - pruned[k]) ** 2)) for k in params)
+    assert outside < 1e-2 * sum(float(jnp.sum(params[k] ** 2)) for k in params)
+    assert float(loss(pruned)) < 1e-3 * float(loss(jax.tree.map(jnp.zeros_like, tree)))  # it found the sparse model

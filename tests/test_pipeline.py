@@ -1,5 +1,6 @@
 """The pipeline through its real CLI entry point, on the smoke config."""
 
+import dataclasses
 import json
 import os
 import time
@@ -10,8 +11,10 @@ import pytest
 from _cli import SMOKE, cli, kill_after_checkpoint, snapshot, strip_timing
 
 import admmprune
-from admmprune import train
+from admmprune import pipeline, train
+from admmprune._errors import UserError
 from admmprune.checkpoint import Checkpointer
+from admmprune.configs import default as default_config
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +275,19 @@ def test_a_zoo_model_with_batchnorm_and_residuals_runs_through_the_cli(tmp_path,
     assert all(layer["kept"] == layer["total"] // 2 for layer in report["layers"].values())
     assert report["collapsed"]["max_abs_diff"] < 1e-4
     assert 0.2 < report["collapsed"]["params"] / report["dense"]["params"] < 0.35
+
+
+def test_dense_warmup_rises_linearly_then_follows_the_schedule():
+    config = default_config.get_config()
+    config.dense.learning_rate, config.dense.warmup = 0.05, 0.1
+    dense = pipeline.settings(config).dense
+    lr = pipeline.learning_rate(dense, 1000)
+    np.testing.assert_allclose([lr(0), lr(50), lr(100)], [0.0, 0.025, 0.05], rtol=1e-6)
+    assert 0.0 <= float(lr(1000)) < 1e-6 and float(lr(550)) < 0.05  # then cosine to 0 over the rest
+    constant = pipeline.learning_rate(dataclasses.replace(dense, schedule="constant"), 1000)
+    np.testing.assert_allclose([constant(50), constant(100), constant(900)], [0.025, 0.05, 0.05], rtol=1e-6)
+    assert pipeline.learning_rate(dataclasses.replace(dense, warmup=0.0, schedule="constant"), 1000) == 0.05
+    for bad in (1.0, -0.1):
+        config.dense.warmup = bad
+        with pytest.raises(UserError, match=r"dense.warmup must be a fraction of the phase in \[0, 1\)"):
+            pipeline.check_config(config)

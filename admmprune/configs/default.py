@@ -57,6 +57,9 @@ def get_config() -> ConfigDict:
     c.dense.learning_rate = 0.01
     # "cosine" (decay to 0 over the phase) or "constant".
     c.dense.schedule = "cosine"
+    # Fraction of the phase's steps over which the learning rate rises linearly
+    # from 0 to dense.learning_rate (then the schedule runs over the rest).
+    c.dense.warmup = 0.0
 
     c.prune = ConfigDict()
     # "admm", or a method it is compared with, each pruning the same channel

@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -100,6 +101,7 @@ def admm(
     interval: int = 100,
     rho_schedule: RhoSchedule | None = None,
     round_to: int = 1,
+    projection: Callable[..., tuple[Params, Masks]] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """ADMM for ``min loss(W) s.t. W in S``, as a gradient transformation.
 
@@ -117,6 +119,12 @@ def admm(
         :mod:`admmprune.core.schedules`. Default: constant.
       round_to: keep a multiple of this many channels in every coupled group
         (8 suits GPU tensor cores, 128 TPU matrix units).
+      projection: the Z-update's projection, called as
+        ``projection(v, specs, keep_ratio, support=..., round_to=...)`` and
+        returning ``(z, masks)`` like the default,
+        :func:`admmprune.core.projections.project_tree`. For a set that is not
+        a per-layer ratio, e.g. a MACs budget:
+        ``admmprune.budget.projector(macs, budget)``.
 
     Returns:
       A transformation whose ``update`` needs ``params``. Its state is an
@@ -128,11 +136,12 @@ def admm(
     if interval < 1:
         raise ValueError(f"interval must be at least 1, got {interval}")
     schedule = rho_schedule or constant_rho()
+    project = project_tree if projection is None else projection
 
     def init_fn(params: Params) -> AdmmState:
         rhos = _scalar_tree(rho, specs, "rho")
         ratios = _scalar_tree(keep_ratio, specs, "keep_ratio")
-        z, mask = project_tree(_map(lambda w: w, specs, params), specs, ratios, round_to=round_to)
+        z, mask = project(_map(lambda w: w, specs, params), specs, ratios, support=None, round_to=round_to)
         support = _map(lambda w: jnp.ones(w.shape, jnp.bool_), specs, params)
         return AdmmState(
             count=jnp.zeros((), jnp.int32),
@@ -148,7 +157,7 @@ def admm(
 
     def dual_update(params: Params, state: AdmmState) -> AdmmState:
         v = _map(jnp.add, specs, params, state.u)
-        z, mask = project_tree(v, specs, state.keep_ratio, support=state.support, round_to=round_to)
+        z, mask = project(v, specs, state.keep_ratio, support=state.support, round_to=round_to)
         u = _map(lambda u, w, z: u + w - z, specs, state.u, params, z)
         primal = _map(lambda w, z: _relative(_norm(w - z), w), specs, params, z)
         dual = _map(lambda r, w, z, z0: _relative(r * _norm(z - z0), w), specs, state.rho, params, z, state.z)

@@ -27,7 +27,7 @@ Z-update); each takes at most as many iterations as there are channels.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -155,4 +155,21 @@ def project_to_budget(
     return apply_masks(tree, masks), masks
 
 
-__all__ = ["budget_keep", "kept_macs", "project_to_budget"]
+def projector(macs: Mapping[str, int], budget: float) -> Callable[..., tuple[Params, Masks]]:
+    """:func:`project_to_budget` as ``admm(..., projection=...)`` calls a projection.
+
+    The ADMM stage's ``keep_ratio`` and ``round_to`` are ignored: the budget
+    alone says what is kept.
+
+    Examples:
+        >>> tx = admmprune.admm(specs, projection=budget.projector(costs.layer_macs(model, x), 158_000))
+    """
+
+    def project(tree: Params, specs: Specs, keep_ratio: Any = None, *, support: Masks | None = None, round_to: int = 1):
+        del keep_ratio, round_to
+        return project_to_budget(tree, specs, macs, budget, support=support)
+
+    return project
+
+
+__all__ = ["budget_keep", "kept_macs", "project_to_budget", "projector"]

@@ -33,10 +33,12 @@ MAX_SEED = (2**32 - 1000) // 1000
 
 @dataclasses.dataclass(frozen=True)
 class Training:
-    """One kind of phase's training: its learning rate and schedule."""
+    """One kind of phase's training: its learning rate, schedule and warm-up."""
 
     learning_rate: float
     schedule: str
+    #: Fraction of the phase's steps over which the rate rises linearly from 0.
+    warmup: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +141,9 @@ def check_config(config: ConfigDict) -> tuple[float, ...]:
             raise UserError(f"{phase}.schedule must be one of {SCHEDULES}, got {getattr(config, phase).schedule!r}")
         _positive_float(getattr(config, phase).learning_rate, f"{phase}.learning_rate")
     _positive_int(config.dense.epochs, "dense.epochs")
+    warmup = config.dense.warmup
+    if isinstance(warmup, bool) or not isinstance(warmup, int | float) or not 0 <= warmup < 1:
+        raise UserError(f"dense.warmup must be a fraction of the phase in [0, 1), got {warmup!r}")
     _positive_int(config.admm.epochs_per_stage, "admm.epochs_per_stage")
     _positive_int(config.retrain.epochs, "retrain.epochs", allow_zero=True)
     _positive_int(config.admm.interval, "admm.interval")
@@ -195,7 +200,7 @@ def settings(config: ConfigDict) -> Settings:
         dense_epochs=c.dense.epochs,
         epochs_per_stage=c.admm.epochs_per_stage,
         retrain_epochs=c.retrain.epochs,
-        dense=Training(float(c.dense.learning_rate), c.dense.schedule),
+        dense=Training(float(c.dense.learning_rate), c.dense.schedule, float(c.dense.warmup)),
         stage=Training(float(c.admm.learning_rate), c.admm.schedule),
         retrain=Training(float(c.retrain.learning_rate), c.retrain.schedule),
         ratio=float(c.prune.ratio),

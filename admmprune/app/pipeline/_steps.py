@@ -19,10 +19,17 @@ from admmprune.core import masking
 
 
 def learning_rate(training: Training, total_steps: int) -> optax.Schedule | float:
-    """The phase's learning rate: constant, or cosine-decayed over its steps."""
+    """The phase's learning rate: constant, or cosine-decayed over its steps, after a linear warm-up if any."""
+    total = max(total_steps, 1)
+    warmup = int(training.warmup * total)
+    if warmup == 0:
+        if training.schedule == "cosine":
+            return optax.cosine_decay_schedule(training.learning_rate, total)
+        return training.learning_rate
     if training.schedule == "cosine":
-        return optax.cosine_decay_schedule(training.learning_rate, max(total_steps, 1))
-    return training.learning_rate
+        return optax.warmup_cosine_decay_schedule(0.0, training.learning_rate, warmup, total)
+    rise = optax.linear_schedule(0.0, training.learning_rate, warmup)
+    return optax.join_schedules([rise, optax.constant_schedule(training.learning_rate)], [warmup])
 
 
 def make_tx(
