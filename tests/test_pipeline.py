@@ -291,3 +291,30 @@ def test_dense_warmup_rises_linearly_then_follows_the_schedule():
         config.dense.warmup = bad
         with pytest.raises(UserError, match=r"dense.warmup must be a fraction of the phase in \[0, 1\)"):
             pipeline.check_config(config)
+
+
+def test_a_macs_budget_run_collapses_to_a_model_within_the_budget(tmp_path, data_dir):
+    """--config.prune.budget=macs: ratio 0.75 removes 3/4 of the MACs, the layers competing for what is kept."""
+    import jax.numpy as jnp
+
+    from admmprune import costs
+    from admmprune.checkpoint import load_model
+    from admmprune.configs import smoke
+
+    workdir = str(tmp_path / "run")
+    flags = ("--ratio", "0.75", "--config.prune.budget=macs", "--config.dense.epochs=1", "--config.retrain.epochs=0")
+    result = cli("--workdir", workdir, *flags, data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    with open(os.path.join(workdir, "report.json")) as f:
+        report = json.load(f)
+    assert [s["ratio"] for s in report["stages"]] == [0.5, 0.75]
+    x = jnp.zeros((1, 28, 28, 1), jnp.float32)
+    dense = sum(costs.layer_macs(admmprune.models.get("lenet5"), x).values())
+    small = load_model(os.path.join(workdir, "model"))
+    assert sum(costs.layer_macs(small, x).values()) <= 0.25 * dense
+    kept = [v["kept"] / v["total"] for v in report["layers"].values()]
+    assert len(set(kept)) > 1  # not uniform widths: the layers competed for the budget
+    config = smoke.get_config()
+    config.prune.budget, config.prune.method = "macs", "magnitude"
+    with pytest.raises(UserError, match="prune.budget=macs works with --method admm only, not magnitude"):
+        pipeline.check_config(config)

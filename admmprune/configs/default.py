@@ -86,6 +86,13 @@ def get_config() -> ConfigDict:
     # Keep a multiple of this many channels in every layer (8 suits GPU tensor
     # cores, 128 TPU matrix units); 1 keeps exactly round((1 - ratio) * C).
     c.prune.round_to = 1
+    # What `ratio` (and each stage's ratio) removes: "channels" (that fraction
+    # of every prunable layer's channels) or "macs" (that fraction of the
+    # model's conv/dense multiply-accumulates, the layers competing for what is
+    # kept: admmprune.budget's greedy projection; method admm only, round_to
+    # does not apply). --ratio 0.75 --config.prune.budget=macs keeps at most a
+    # quarter of the dense model's MACs.
+    c.prune.budget = "channels"
 
     # Phase 2 (method "admm"): one ADMM stage per ratio of prune.stages.
     c.admm = ConfigDict()

@@ -155,19 +155,27 @@ def project_to_budget(
     return apply_masks(tree, masks), masks
 
 
-def projector(macs: Mapping[str, int], budget: float) -> Callable[..., tuple[Params, Masks]]:
+def projector(macs: Mapping[str, int], budget: float | None = None) -> Callable[..., tuple[Params, Masks]]:
     """:func:`project_to_budget` as ``admm(..., projection=...)`` calls a projection.
 
-    The ADMM stage's ``keep_ratio`` and ``round_to`` are ignored: the budget
-    alone says what is kept.
+    Args:
+      macs: ``{kernel path: MACs per example}`` of the dense model.
+      budget: the MACs per example to fit. ``None``: the ADMM stage's keep
+        ratio (one scalar, as :func:`admmprune.core.admm.set_stage` sets it)
+        is the fraction of the dense MACs kept, so progressive stages tighten
+        the budget. ``round_to`` is ignored.
 
     Examples:
         >>> tx = admmprune.admm(specs, projection=budget.projector(costs.layer_macs(model, x), 158_000))
     """
+    total = float(sum(macs.values()))
 
-    def project(tree: Params, specs: Specs, keep_ratio: Any = None, *, support: Masks | None = None, round_to: int = 1):
-        del keep_ratio, round_to
-        return project_to_budget(tree, specs, macs, budget, support=support)
+    def project(tree: Params, specs: Specs, keep_ratio: Any = 1.0, *, support: Masks | None = None, round_to: int = 1):
+        del round_to
+        if budget is not None:
+            return project_to_budget(tree, specs, macs, budget, support=support)
+        ratio = jax.tree.leaves(keep_ratio)[0] if jax.tree.leaves(keep_ratio) else 1.0
+        return project_to_budget(tree, specs, macs, ratio * total, support=support)
 
     return project
 

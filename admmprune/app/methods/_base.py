@@ -127,9 +127,17 @@ class Method:
         """Raises ``UserError`` if the method cannot prune ``target`` (before any training)."""
 
     def transform(
-        self, phase: Phase, specs: Specs, optimizer: Optimizer, learning_rate: optax.ScalarOrSchedule, *, gated: bool
+        self,
+        phase: Phase,
+        specs: Specs,
+        optimizer: Optimizer,
+        learning_rate: optax.ScalarOrSchedule,
+        *,
+        gated: bool,
+        target: Target | None = None,
     ) -> optax.GradientTransformation:
-        """The optimizer of one of the method's own phases (``admm``, ``sparsify``)."""
+        """The optimizer of one of the method's own phases (``admm``, ``sparsify``); ``target``
+        is the model being pruned, for a method whose transformation depends on it."""
         raise ValueError(f"{self.name} has no {phase.kind} phase")
 
     # Gates: methods that learn one multiplier per channel next to the weights.

@@ -43,10 +43,17 @@ class _Gated(ScoredMethod):
         return optimizer.plain(learning_rate)
 
     def transform(
-        self, phase: Phase, specs: Specs, optimizer: Optimizer, learning_rate: optax.ScalarOrSchedule, *, gated: bool
+        self,
+        phase: Phase,
+        specs: Specs,
+        optimizer: Optimizer,
+        learning_rate: optax.ScalarOrSchedule,
+        *,
+        gated: bool,
+        target: Target | None = None,
     ) -> optax.GradientTransformation:
         if phase.kind != "sparsify" or not gated:
-            return super().transform(phase, specs, optimizer, learning_rate, gated=gated)
+            return super().transform(phase, specs, optimizer, learning_rate, gated=gated, target=target)
         # A (params, gates) pair: the gates have their own penalty instead of weight decay.
         return optax.multi_transform(
             {"weights": optimizer.weights(learning_rate), "gates": self.gate_transform(optimizer, learning_rate)},
@@ -110,11 +117,18 @@ class Slimming(L1Mask):
         return not gates.norm_scales(specs)
 
     def transform(
-        self, phase: Phase, specs: Specs, optimizer: Optimizer, learning_rate: optax.ScalarOrSchedule, *, gated: bool
+        self,
+        phase: Phase,
+        specs: Specs,
+        optimizer: Optimizer,
+        learning_rate: optax.ScalarOrSchedule,
+        *,
+        gated: bool,
+        target: Target | None = None,
     ) -> optax.GradientTransformation:
         if phase.kind == "sparsify" and not gated:
             return optax.chain(regularizers.bn_l1(specs, self.strength), optimizer.weights(learning_rate))
-        return super().transform(phase, specs, optimizer, learning_rate, gated=gated)
+        return super().transform(phase, specs, optimizer, learning_rate, gated=gated, target=target)
 
     def scores(self, params: Params, specs: Specs, g: Mapping[str, jax.Array] | None, target: Target):
         if g is not None:

@@ -7,7 +7,7 @@ import dataclasses
 import optax
 
 from admmprune._types import Specs
-from admmprune.app.methods._base import Optimizer, Phase, ScoredMethod, Values, non_negative, register
+from admmprune.app.methods._base import Optimizer, Phase, ScoredMethod, Target, Values, non_negative, register
 from admmprune.core import regularizers
 
 
@@ -32,10 +32,17 @@ class GroupLasso(ScoredMethod):
         )
 
     def transform(
-        self, phase: Phase, specs: Specs, optimizer: Optimizer, learning_rate: optax.ScalarOrSchedule, *, gated: bool
+        self,
+        phase: Phase,
+        specs: Specs,
+        optimizer: Optimizer,
+        learning_rate: optax.ScalarOrSchedule,
+        *,
+        gated: bool,
+        target: Target | None = None,
     ) -> optax.GradientTransformation:
         if phase.kind != "sparsify":
-            return super().transform(phase, specs, optimizer, learning_rate, gated=gated)
+            return super().transform(phase, specs, optimizer, learning_rate, gated=gated, target=target)
         lr = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
         strength = self.strength
         return optax.chain(

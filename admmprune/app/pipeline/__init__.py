@@ -326,7 +326,7 @@ def _phase_tx(r: Run, phases: list[Phase], i: int):
     gated = r.gated(phase)
     steps = phase.epochs * r.steps_per_epoch
     # The masks live in keep_masked's state, so all-True ones give the same step.
-    return make_tx(r.settings, phase, r.specs, steps, _all_true(r.specs, r.params), gated=gated), gated
+    return make_tx(r.settings, phase, r.specs, steps, _all_true(r.specs, r.params), gated=gated, target=r.target), gated
 
 
 def _run_phase(r: Run, phases, i: int, progress: _Progress, *, hooks: _phases.Hooks, elapsed) -> bool:

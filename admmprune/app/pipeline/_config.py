@@ -148,6 +148,8 @@ def check_config(config: ConfigDict) -> tuple[float, ...]:
     _positive_int(config.retrain.epochs, "retrain.epochs", allow_zero=True)
     _positive_int(config.admm.interval, "admm.interval")
     _positive_int(config.prune.round_to, "prune.round_to")
+    if config.prune.budget == "macs" and config.prune.method != "admm":
+        raise UserError(f"prune.budget=macs works with --method admm only, not {config.prune.method}")
     _positive_int(config.data.batch_size, "data.batch_size")
     _positive_int(config.data.eval_batch_size, "data.eval_batch_size")
     _positive_int(config.log_every, "log_every")

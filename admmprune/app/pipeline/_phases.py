@@ -44,13 +44,13 @@ def begin(run: Run, phases: list[Phase], i: int) -> None:
     if phase.kind == "admm":
         # A new stage is an edit of the state (its keep ratio), not a new optimizer.
         if prev is None or prev.kind != "admm":
-            run.opt_state = make_tx(s, phase, run.specs, steps).init(run.params)
+            run.opt_state = make_tx(s, phase, run.specs, steps, target=run.target).init(run.params)
         run.opt_state = admm_lib.set_stage(run.opt_state, 1.0 - phase.ratio)
     elif phase.kind == "sparsify" and run.gated(phase):
         run.gates = s.method.init_gates(run.params, run.specs)
-        run.opt_state = make_tx(s, phase, run.specs, steps, gated=True).init((run.params, run.gates))
+        run.opt_state = make_tx(s, phase, run.specs, steps, gated=True, target=run.target).init((run.params, run.gates))
     elif phase.kind in ("dense", "sparsify"):
-        run.opt_state = make_tx(s, phase, run.specs, steps).init(run.params)
+        run.opt_state = make_tx(s, phase, run.specs, steps, target=run.target).init(run.params)
     else:  # finetune / retrain: prune, then train with the masks fixed
         run.params, run.masks = prune(run, phase, prev)
         run.gates = None

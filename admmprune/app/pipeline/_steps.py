@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 
 from admmprune._types import Masks, Specs
-from admmprune.app.methods import Phase
+from admmprune.app.methods import Phase, Target
 from admmprune.app.pipeline._config import Settings, Training
 from admmprune.core import admm as admm_lib
 from admmprune.core import masking
@@ -33,7 +33,14 @@ def learning_rate(training: Training, total_steps: int) -> optax.Schedule | floa
 
 
 def make_tx(
-    settings: Settings, phase: Phase, specs: Specs, steps: int, masks: Masks = None, *, gated: bool = False
+    settings: Settings,
+    phase: Phase,
+    specs: Specs,
+    steps: int,
+    masks: Masks = None,
+    *,
+    gated: bool = False,
+    target: Target | None = None,
 ) -> optax.GradientTransformation:
     """The optimizer of ``phase``: SGD for the dense phase; the method's own
     transformation for its phases (``admm``, ``sparsify``); SGD that keeps the
@@ -43,7 +50,7 @@ def make_tx(
         return settings.optimizer.weights(lr)
     if phase.kind in ("finetune", "retrain"):
         return optax.chain(settings.optimizer.weights(lr), masking.keep_masked(masks))
-    return settings.method.transform(phase, specs, settings.optimizer, lr, gated=gated)
+    return settings.method.transform(phase, specs, settings.optimizer, lr, gated=gated, target=target)
 
 
 def _admm_metrics(opt_state) -> dict[str, jax.Array]:
