@@ -22,6 +22,11 @@ Cases (28x28x1 inputs, random data unless said):
   (16/32/64 channels) and half widths (8/16/32): throughput in GFLOP/s per
   width, the per-op evidence of how a collapsed model's speedup relates to
   its FLOPs ratio in each framework.
+- ``grad``: the same convolutions' gradients alone at the training batch
+  (128), with respect to the kernel and to the input, from a fixed output
+  gradient: the per-op evidence of where a training step's time goes
+  (admmprune's side is the zoo conv's own gradient, the chunked kernel
+  gradient included, compiled with the pipeline's options).
 - ``epoch`` (``--epochs``): one full epoch through the real input pipeline:
   admmprune's dense phase (``pipeline.run(..., stop_after="dense")`` with
   one epoch; LeNet-5 on MNIST, ResNet-20 on Fashion-MNIST), whose report
@@ -160,6 +165,21 @@ def jax_conv(shape: tuple[int, ...], out: int, kernel: int):
     return timer(lambda x, w, _: (x, w, conv(x, w)), [x, w, None])
 
 
+def jax_conv_grad(shape: tuple[int, ...], out: int, kernel: int, wrt: str):
+    """The gradient of one zoo conv (its training form) with respect to ``wrt``, from a fixed output gradient."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, shape[-1], out))
+    g = jax.random.normal(jax.random.key(2), (*shape[:-1], out))
+    options = dict(pipeline.CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def dot(x, w):  # <conv(x, w), g>: its gradient is the conv's vjp of g, and XLA drops the unused forward
+        return jnp.vdot(layers.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims), g)
+
+    grad = jax.jit(jax.grad(dot, argnums=1 if wrt == "weight" else 0), compiler_options=options)
+    return timer(lambda x, w, _: (x, w, grad(x, w)), [x, w, None])
+
+
 #: ResNet-20's 3x3 convs at batch 256, dense (16/32/64 channels) and collapsed at 0.5 (8/16/32).
 CONV_SHAPES = [(28, 16), (28, 8), (14, 32), (14, 16), (7, 64), (7, 32)]
 
@@ -246,7 +266,7 @@ def main():
 
     torch = Torch(torch_python(args), args.threads)
     print(f"PyTorch {torch.info['torch']} ({torch.info['threads']} threads), jax {jax.__version__}", flush=True)
-    rows = {"train": [], "eval": [], "epoch": [], "conv": []}
+    rows = {"train": [], "eval": [], "epoch": [], "conv": [], "grad": []}
     for name in ("lenet5", "resnet20"):
         model = models.get(name, in_shape=SHAPE)
         widths = list(model.widths)
@@ -297,6 +317,30 @@ def main():
                 "size": size,
                 "channels": channels,
                 "batch": 256,
+                "flops": flops,
+                "admmprune_gflops": flops / result["admmprune_ms"] / 1e6,
+                "torch_gflops": flops / result["torch_ms"] / 1e6,
+                **result,
+            }
+        )
+    for (size, channels), wrt in ((s, wrt) for s in CONV_SHAPES for wrt in ("weight", "input")):
+        shape = (128, size, size, channels)
+        result = alternate(
+            f"3x3 conv {channels} -> {channels} channels, {size}x{size}, batch 128, gradient wrt {wrt}",
+            jax_conv_grad(shape, channels, 3, wrt),
+            lambda n, shape=shape, c=channels, wrt=wrt: torch.ask(
+                op="conv_grad", shape=list(shape), out=c, kernel=3, wrt=wrt, n=n
+            )["times"],
+            args.rounds,
+            args.eval_calls,
+        )
+        flops = 2 * 128 * size * size * channels * channels * 9
+        rows["grad"].append(
+            {
+                "size": size,
+                "channels": channels,
+                "batch": 128,
+                "wrt": wrt,
                 "flops": flops,
                 "admmprune_gflops": flops / result["admmprune_ms"] / 1e6,
                 "torch_gflops": flops / result["torch_ms"] / 1e6,

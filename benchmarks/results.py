@@ -282,7 +282,7 @@ def collapse_latency(res: dict) -> str:
 
 def vs_torch(res: dict) -> str:
     r = res["vs_torch"]
-    case = {c: [row for row in r["rows"] if row["case"] == c] for c in ("train", "eval", "epoch", "conv")}
+    case = {c: [row for row in r["rows"] if row["case"] == c] for c in ("train", "eval", "epoch", "conv", "grad")}
     rows = []
     for row in case["train"]:
         rows.append(
@@ -340,6 +340,18 @@ def vs_torch(res: dict) -> str:
             for row in case["conv"]
         ]
         tables.append(_table(["3x3 conv alone, batch 256", "PyTorch", "admmprune (JAX)", "JAX / PyTorch"], convs))
+    if case.get("grad"):
+        grads = [
+            [
+                f"{row['channels']} -> {row['channels']}, {row['size']}x{row['size']}, d/d{row['wrt']}",
+                f"{row['torch_ms']:.2f} ms ({row['torch_gflops']:.0f} GFLOP/s)",
+                f"{row['admmprune_ms']:.2f} ms ({row['admmprune_gflops']:.0f} GFLOP/s)",
+                f"{row['vs_torch']:.2f}",
+            ]
+            for row in case["grad"]
+        ]
+        header = "3x3 conv's gradient alone, batch 128"
+        tables.append(_table([header, "PyTorch", "admmprune (JAX)", "JAX / PyTorch"], grads))
     note = (
         f"PyTorch {r['torch']} on {r['torch_threads']} threads against jax {r['jax']}, flax {r['flax']}; "
         f"medians over {r['rounds']} alternating rounds in one run; epochs include admmprune's compilation."

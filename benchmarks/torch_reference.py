@@ -9,10 +9,14 @@ and take turns on the same machine:
     {"op": "eval", "model": ..., "widths": [...], "batch": 256, "n": 10}
     {"op": "epoch", "model": ..., "widths": [...], "batch": 128, "data": "train.npz"}
     {"op": "conv", "shape": [B, H, W, C], "out": ..., "kernel": 3, "n": 10}
+    {"op": "conv_grad", "shape": [B, H, W, C], "out": ..., "kernel": 3, "wrt": "weight", "n": 10}
 
 ``train``/``eval`` answer ``{"times": [seconds, ...]}`` for ``n`` steps on
 random data (the first call of a case builds it and warms it up, untimed);
 ``conv`` times one bias-free "same"-padded convolution alone (inference mode);
+``conv_grad`` times its gradient alone, with respect to the ``weight`` (the
+kernel gradient of a training step) or the ``input`` (the gradient a step
+passes down), from a fixed output gradient, as autograd's backward runs it;
 ``epoch`` answers ``{"seconds": ..., "steps": ...}`` for one shuffled epoch
 over the uint8 images of an ``.npz`` (``images`` NHWC, ``labels``), normalised
 and batched on the fly as a ``DataLoader`` over in-memory tensors would.
@@ -146,6 +150,26 @@ class Conv:
         return times
 
 
+class ConvGrad(Conv):
+    def __init__(self, shape, out, kernel, wrt):
+        b, h, w, _ = shape
+        self.g = torch.randn(b, out, h, w, generator=torch.Generator().manual_seed(2))
+        self.wrt = wrt
+        super().__init__(shape, out, kernel)
+
+    def run(self, n):
+        times = []
+        with torch.no_grad():
+            for _ in range(n):
+                start = time.perf_counter()
+                if self.wrt == "weight":
+                    torch.nn.grad.conv2d_weight(self.x, self.w.shape, self.g, padding=self.pad)
+                else:
+                    torch.nn.grad.conv2d_input(self.x.shape, self.w, self.g, padding=self.pad)
+                times.append(time.perf_counter() - start)
+        return times
+
+
 def main():
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads())
     cases = {}
@@ -156,6 +180,12 @@ def main():
             key = ("conv", tuple(req["shape"]), req["out"], req["kernel"])
             if key not in cases:
                 cases[key] = Conv(req["shape"], req["out"], req["kernel"])
+            print(json.dumps({"times": cases[key].run(req["n"])}), flush=True)
+            continue
+        if req["op"] == "conv_grad":
+            key = ("conv_grad", tuple(req["shape"]), req["out"], req["kernel"], req["wrt"])
+            if key not in cases:
+                cases[key] = ConvGrad(req["shape"], req["out"], req["kernel"], req["wrt"])
             print(json.dumps({"times": cases[key].run(req["n"])}), flush=True)
             continue
         key = (req["model"], tuple(req["widths"]), req["batch"], req["op"] != "eval")

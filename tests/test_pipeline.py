@@ -318,3 +318,29 @@ def test_a_macs_budget_run_collapses_to_a_model_within_the_budget(tmp_path, data
     config.prune.budget, config.prune.method = "macs", "magnitude"
     with pytest.raises(UserError, match="prune.budget=macs works with --method admm only, not magnitude"):
         pipeline.check_config(config)
+
+
+def test_a_run_from_a_saved_dense_model_ends_where_the_full_run_ends(smoke_run, tmp_path, data_dir):
+    """dense.init skips the dense phase: the methods of one seed share one dense model, at no cost in results."""
+    workdir = str(tmp_path / "run")
+    result = cli("--workdir", workdir, f"--config.dense.init={smoke_run[0]}", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    assert f"dense     from {smoke_run[0]}  accuracy" in result.stdout
+    with open(os.path.join(workdir, "report.json")) as f:
+        report = json.load(f)
+    assert report["dense"].pop("init") == smoke_run[0]
+    assert strip_timing(report) == strip_timing(smoke_run[1])
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        phases = {json.loads(line).get("phase") for line in f}
+    assert "dense" not in phases  # no dense step was taken
+
+
+def test_a_saved_dense_model_of_another_architecture_is_refused(smoke_run, capsys, tmp_path):
+    workdir = tmp_path / "w"
+    init = os.path.join(smoke_run[0], "dense")
+    code, err = run_main(["--workdir", str(workdir), f"--config.dense.init={init}", "--config.model.name=vgg11"], capsys)
+    assert code == 2
+    assert f"dense.init {init} holds a lenet5" in err and "not this run's vgg11" in err
+    assert "Traceback" not in err and not workdir.exists()
+    code, err = run_main(["--workdir", str(workdir), f"--config.dense.init={tmp_path / 'none'}"], capsys)
+    assert code == 2 and "no saved model in" in err and not workdir.exists()

@@ -60,6 +60,12 @@ def get_config() -> ConfigDict:
     # Fraction of the phase's steps over which the learning rate rises linearly
     # from 0 to dense.learning_rate (then the schedule runs over the rest).
     c.dense.warmup = 0.0
+    # A trained dense model to start from instead of training one: a pipeline
+    # workdir (its dense/ model) or a directory admmprune.load reads. It must
+    # be this config's model (same architecture and widths); the dense phase
+    # is then skipped (dense.* is not used) and the report records the path.
+    # Methods compared on one seed share one dense model this way.
+    c.dense.init = ""
 
     c.prune = ConfigDict()
     # "admm", or a method it is compared with, each pruning the same channel

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from typing import Any
 
 from ml_collections import ConfigDict
@@ -66,6 +67,8 @@ class Settings:
     data: Data
     optimizer: Optimizer
     dense_epochs: int
+    #: A saved dense model to start from (``dense.init``), or None: train one.
+    dense_init: str | None
     epochs_per_stage: int
     retrain_epochs: int
     dense: Training
@@ -141,6 +144,8 @@ def check_config(config: ConfigDict) -> tuple[float, ...]:
             raise UserError(f"{phase}.schedule must be one of {SCHEDULES}, got {getattr(config, phase).schedule!r}")
         _positive_float(getattr(config, phase).learning_rate, f"{phase}.learning_rate")
     _positive_int(config.dense.epochs, "dense.epochs")
+    if not isinstance(config.dense.init, str):
+        raise UserError(f"dense.init must be a path (or empty), got {config.dense.init!r}")
     warmup = config.dense.warmup
     if isinstance(warmup, bool) or not isinstance(warmup, int | float) or not 0 <= warmup < 1:
         raise UserError(f"dense.warmup must be a fraction of the phase in [0, 1), got {warmup!r}")
@@ -199,7 +204,8 @@ def settings(config: ConfigDict) -> Settings:
             normalize=d.normalize,
         ),
         optimizer=Optimizer(c.optimizer.momentum, c.optimizer.weight_decay),
-        dense_epochs=c.dense.epochs,
+        dense_epochs=0 if c.dense.init else c.dense.epochs,
+        dense_init=os.path.abspath(os.path.expanduser(c.dense.init)) if c.dense.init else None,
         epochs_per_stage=c.admm.epochs_per_stage,
         retrain_epochs=c.retrain.epochs,
         dense=Training(float(c.dense.learning_rate), c.dense.schedule, float(c.dense.warmup)),

@@ -73,7 +73,11 @@ def finish(run: Run, phase: Phase, report: dict[str, Any], t: float) -> None:
     if phase.kind == "dense":
         acc = run.evaluate()
         report["dense"] = {"accuracy": acc, "seconds": t}
-        run.log(f"dense     {phase.epochs} epochs  accuracy {100 * acc:.2f}%  [{t:.0f}s]")
+        init = run.settings.dense_init
+        if init is not None:
+            report["dense"]["init"] = init
+        trained = f"from {init}" if init is not None else f"{phase.epochs} epochs"
+        run.log(f"dense     {trained}  accuracy {100 * acc:.2f}%  [{t:.0f}s]")
     elif phase.kind == "admm":
         state = admm_lib.find_state(run.opt_state)
         pruned, masks = prune(run, phase, phase)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -173,6 +175,8 @@ def prepare(s: Settings, workdir: str, log: Callable[[str], None]) -> Run:
     eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if s.dense_init is not None:
+        params, rest = _dense_start(s.dense_init, model, params, rest)
     if getattr(model, "chain", None) is not None:  # a declaration overrides discovery
         specs, state_specs = graph.chain_specs(params, model.chain), None
     else:
@@ -218,6 +222,34 @@ def prepare(s: Settings, workdir: str, log: Callable[[str], None]) -> Run:
     )
     s.method.check(run.target)
     return run
+
+
+def _plain(config: dict) -> Any:
+    """``config`` as its JSON reads back (tuples become lists), to compare a saved one with a built one."""
+    return json.loads(json.dumps(config, sort_keys=True))
+
+
+def _dense_start(path: str, model, params, rest):
+    """The parameters and state of the dense model saved at ``path`` (a workdir
+    or a model directory), checked to be ``model``'s architecture."""
+    from admmprune.runtime import checkpoint  # orbax only when asked for
+
+    where = os.path.join(path, "dense")
+    if not os.path.isdir(where):
+        where = path
+    saved = checkpoint.load_model(where)
+    name, want = models.name_of(saved), models.name_of(model)
+    if name != want or _plain(saved.config) != _plain(model.config):
+        raise UserError(
+            f"dense.init {where} holds a {name} with {saved.config}, not this run's {want} with {model.config}: "
+            "start from a dense model of the same model, widths and input shape"
+        )
+    saved.train()
+    _, saved_params, saved_rest = nnx.split(saved, nnx.Param, ...)
+    shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+    if shapes(saved_params) != shapes(params) or shapes(saved_rest) != shapes(rest):
+        raise UserError(f"dense.init {where}: the saved arrays do not match {want}'s; save it again with this version")
+    return saved_params, saved_rest
 
 
 def _taylor_grads(run: Run, params, batches: int = 4):
