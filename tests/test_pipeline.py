@@ -338,7 +338,9 @@ def test_a_run_from_a_saved_dense_model_ends_where_the_full_run_ends(smoke_run, 
 def test_a_saved_dense_model_of_another_architecture_is_refused(smoke_run, capsys, tmp_path):
     workdir = tmp_path / "w"
     init = os.path.join(smoke_run[0], "dense")
-    code, err = run_main(["--workdir", str(workdir), f"--config.dense.init={init}", "--config.model.name=vgg11"], capsys)
+    code, err = run_main(
+        ["--workdir", str(workdir), f"--config.dense.init={init}", "--config.model.name=vgg11"], capsys
+    )
     assert code == 2
     assert f"dense.init {init} holds a lenet5" in err and "not this run's vgg11" in err
     assert "Traceback" not in err and not workdir.exists()
