@@ -58,6 +58,8 @@ BENCHMARKS = {
     "collapse_latency": ["benchmarks/bench_collapse_latency.py"],
     "vs_torch": ["benchmarks/bench_vs_torch.py", "--epochs", "lenet5,resnet20"],
     "data_parallel": ["benchmarks/bench_data_parallel.py", "--steps", "30", "--rounds", "3"],
+    # Resumable: runs kept under runs/suite; rerun until every case, budget and seed is done.
+    "suite": ["benchmarks/suite.py"],
 }
 CASES = ("lenet5-mnist", "resnet20-fashion")
 MODEL_NAMES = {"lenet5": "LeNet-5", "resnet20": "ResNet-20", "mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
@@ -359,6 +361,43 @@ def vs_torch(res: dict) -> str:
     return "\n\n".join([*tables, note, _provenance(r, "vs_torch")])
 
 
+def suite(res: dict) -> str:
+    """Per case and budget: each method's mean and spread over seeds, and ADMM's paired difference."""
+    r = res["suite"]
+    parts = []
+    for summary in r["summaries"]:
+        first = next(row for row in r["rows"] if row["case"] == summary["case"])
+        dense_mean, dense_sd = summary["dense_accuracy"]
+        head = (
+            f"**{MODEL_NAMES[first['model']]} / {MODEL_NAMES[first['dataset']]} at ratio {summary['ratio']:g}, "
+            f"{summary['budget']} budget** ({summary['epochs_after_dense']} epochs after the dense phase; "
+            f"seeds {', '.join(map(str, summary['seeds']))}; dense {_pm(dense_mean, dense_sd)}; "
+            f"wall time {summary['wall_s'] / 60:.0f} min, dense phases {summary['dense_wall_s'] / 60:.0f} min more)"
+        )
+        rows = []
+        for m in summary["methods"]:
+            diff = m["admm_minus"]
+            if m["method"] == "admm":
+                vs = ""
+            elif diff is None:
+                vs = "(one seed)"
+            else:
+                vs = f"{100 * diff['mean']:+.2f} [{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}]"
+            rows.append([m["method"], _pm(m["mean"], m["sd"]), str(m["n"]), _pct(m["flops_removed"]), vs])
+        table = _table(["method", "accuracy (mean ± sd)", "seeds", "FLOPs removed", "ADMM − method [95% CI]"], rows)
+        parts.append(head + "\n\n" + table)
+    note = (
+        "ADMM − method: the mean over seeds of ADMM's accuracy minus the method's, in points, with its 95% "
+        "Student-t confidence interval (same seed = same dense model); an interval that contains 0 is no evidence "
+        "either way."
+    )
+    return "\n\n".join([*parts, note, _provenance(r, "suite")])
+
+
+def _pm(mean: float, sd: float) -> str:
+    return f"{100 * mean:.2f}%" if sd != sd else f"{100 * mean:.2f} ± {100 * sd:.2f}%"
+
+
 def data_parallel(res: dict) -> str:
     r = res["data_parallel"]
     base = r["rows"][0]
@@ -387,6 +426,7 @@ def blocks(res: dict) -> dict[str, str]:
         "collapse_latency": collapse_latency(res),
         "vs_torch": vs_torch(res),
         "data_parallel": data_parallel(res),
+        "suite": suite(res),
     }
     for case in CASES:
         out[f"methods_{case}"] = methods_table(res, case)

@@ -1,0 +1,260 @@
+"""ADMM against every other method over several seeds, with paired confidence intervals.
+
+Run by hand (a benchmark, not a test), in as many sittings as it takes:
+
+    python benchmarks/suite.py                                   # every case, budget, method and seed
+    python benchmarks/suite.py --cases lenet5-mnist-0.9 --budgets peer --seeds 0 1 2
+    python benchmarks/suite.py --collect                         # no training: the JSON from finished runs
+
+Each named case is a model, a dataset and a ratio; each runs at two budgets
+of epochs after the dense phase: ``peer`` (4 epochs, Torch-Pruning's
+protocol: one per stage, the rest retraining) and ``default`` (the config's
+defaults). A seed's dense model is trained once (``pipeline.run(...,
+stop_after="dense")``) and every method of every case and budget of that
+model starts from it (``dense.init``): same seed, same dense model, so the
+methods' differences are paired. The dense recipe is the peer's (learning
+rate 0.05 with a 10% linear warm-up, 4 epochs for LeNet-5, 3 for ResNet-20).
+
+Every run's workdir stays under ``--root``: a rerun reuses finished runs and
+resumes interrupted ones. After each run ``benchmarks/results/suite.json`` is
+rewritten from every finished run under the root (so a crash loses at most
+the run in progress): one row per run, and per case and budget each method's
+mean and standard deviation over its seeds and ADMM's paired difference from
+it, with a 95% confidence interval (Student's t over the seeds both have),
+and the wall time of the case's runs. ``benchmarks/results.py`` renders the
+README's table from it.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+from _provenance import write_json
+
+from admmprune import methods, pipeline
+from admmprune.core import schedules
+from admmprune.train import apply_override, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "benchmarks", "results", "suite.json")
+
+#: Dense models, trained once per seed and shared by every case that names them.
+DENSE = {
+    "lenet5-mnist": ["dense.learning_rate=0.05", "dense.warmup=0.1", "dense.epochs=4"],
+    "resnet20-fashion": [
+        "model.name=resnet20",
+        "data.name=fashion_mnist",
+        "dense.learning_rate=0.05",
+        "dense.warmup=0.1",
+        "dense.epochs=3",
+        "measure.repeats=10",
+    ],
+}
+#: Cases: the dense model they start from, and the ratio.
+CASES = {
+    "lenet5-mnist-0.9": {"dense": "lenet5-mnist", "ratio": 0.9},
+    "lenet5-mnist-0.7": {"dense": "lenet5-mnist", "ratio": 0.7},
+    "resnet20-fashion-0.5": {"dense": "resnet20-fashion", "ratio": 0.5},
+}
+BUDGETS = ("peer", "default")
+#: Epochs after the dense phase at the peer's budget.
+PEER_EPOCHS = 4
+SEEDS = (0, 1, 2)
+#: Two-sided 97.5% quantiles of Student's t by degrees of freedom (scipy.stats.t.ppf(0.975, df)).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def config_of(dense: str, seed: int, overrides=()):
+    config = load_config("default")
+    for item in [*DENSE[dense], *overrides]:
+        key, _, value = item.partition("=")
+        apply_override(config, key, value)
+    config.seed = seed
+    config.progress = False
+    return config
+
+
+def budget_overrides(budget: str, ratio: float) -> list[str]:
+    """``peer``: one epoch per stage and the rest of :data:`PEER_EPOCHS` retraining; ``default``: nothing."""
+    if budget == "default":
+        return []
+    stages = len(schedules.stage_ratios(ratio, load_config("default").prune.stages))
+    if stages >= PEER_EPOCHS:
+        raise SystemExit(f"error: ratio {ratio} has {stages} stages, more than the peer's {PEER_EPOCHS} epochs")
+    return ["admm.epochs_per_stage=1", f"retrain.epochs={PEER_EPOCHS - stages}"]
+
+
+def dense_dir(root: str, dense: str, seed: int) -> str:
+    return os.path.join(root, "dense", f"{dense}-s{seed}")
+
+
+def run_dir(root: str, case: str, budget: str, method: str, seed: int) -> str:
+    return os.path.join(root, case, budget, f"{method}-s{seed}")
+
+
+def train_dense(root: str, dense: str, seed: int) -> str:
+    workdir = dense_dir(root, dense, seed)
+    done = os.path.join(workdir, "dense.json")
+    if not os.path.exists(done):
+        print(f"== dense {dense}, seed {seed} ({workdir})", flush=True)
+        report = pipeline.run(config_of(dense, seed), workdir, stop_after="dense")
+        with open(done, "w") as f:
+            json.dump({"dense": report["dense"], "time": report.get("time")}, f, indent=2)
+    return workdir
+
+
+def run_one(root: str, case: str, budget: str, method: str, seed: int) -> dict:
+    spec = CASES[case]
+    init = train_dense(root, spec["dense"], seed)
+    overrides = [
+        f"prune.ratio={spec['ratio']}",
+        f"prune.method={method}",
+        f"dense.init={init}",
+        *budget_overrides(budget, spec["ratio"]),
+    ]
+    workdir = run_dir(root, case, budget, method, seed)
+    print(f"== {case} {budget} {method} seed {seed} ({workdir})", flush=True)
+    return pipeline.run(config_of(spec["dense"], seed, overrides), workdir)
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else math.nan)
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """Mean of ``a - b`` over the seeds both have, with its 95% t confidence interval (None below 2 seeds)."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    mean, sd = mean_sd(d)
+    half = T975.get(len(d) - 1, 1.96) * sd / math.sqrt(len(d))
+    return {"seeds": seeds, "mean": mean, "low": mean - half, "high": mean + half}
+
+
+def dense_seconds(root: str, dense: str, seed: int) -> float:
+    """The wall time of a seed's dense phase (as :func:`train_dense` recorded it)."""
+    path = os.path.join(dense_dir(root, dense, seed), "dense.json")
+    if not os.path.exists(path):
+        return 0.0
+    with open(path) as f:
+        return json.load(f)["dense"]["seconds"]
+
+
+def epochs_after_dense(case: str, budget: str) -> int:
+    spec = CASES[case]
+    config = config_of(spec["dense"], 0, [f"prune.ratio={spec['ratio']}", *budget_overrides(budget, spec["ratio"])])
+    return sum(p.epochs for p in pipeline.plan_phases(config)[1:])
+
+
+def collect(root: str) -> dict:
+    """Every finished run under ``root``, and each case's statistics."""
+    rows = []
+    for case, spec in CASES.items():
+        for budget in BUDGETS:
+            for method in methods.METHODS:
+                for seed in range(100):
+                    path = os.path.join(run_dir(root, case, budget, method, seed), "report.json")
+                    if not os.path.exists(path):
+                        continue
+                    with open(path) as f:
+                        r = json.load(f)
+                    rows.append(
+                        {
+                            "case": case,
+                            "budget": budget,
+                            "method": method,
+                            "seed": seed,
+                            "ratio": spec["ratio"],
+                            "model": r["model"],
+                            "dataset": r["dataset"],
+                            "dense_accuracy": r["dense"]["accuracy"],
+                            "accuracy": r["collapsed"]["accuracy"],
+                            "params_removed": r["params_removed"],
+                            "flops_removed": r["flops_removed"],
+                            "layers": {k: v["kept"] for k, v in r["layers"].items()},
+                            "seconds": r["seconds"],
+                        }
+                    )
+    summaries = []
+    for case in CASES:
+        for budget in BUDGETS:
+            mine = [r for r in rows if r["case"] == case and r["budget"] == budget]
+            if not mine:
+                continue
+            acc = {m: {r["seed"]: r["accuracy"] for r in mine if r["method"] == m} for m in methods.METHODS}
+            per_method = []
+            for m, by_seed in acc.items():
+                if not by_seed:
+                    continue
+                mean, sd = mean_sd(list(by_seed.values()))
+                runs = [r for r in mine if r["method"] == m]
+                per_method.append(
+                    {
+                        "method": m,
+                        "n": len(by_seed),
+                        "mean": mean,
+                        "sd": sd,
+                        "flops_removed": statistics.fmean(r["flops_removed"] for r in runs),
+                        "admm_minus": None if m == "admm" else paired(acc["admm"], by_seed),
+                    }
+                )
+            seeds = sorted({r["seed"] for r in mine})
+            dense = [dense_seconds(root, CASES[case]["dense"], s) for s in seeds]
+            summaries.append(
+                {
+                    "case": case,
+                    "budget": budget,
+                    "seeds": seeds,
+                    "ratio": CASES[case]["ratio"],
+                    "epochs_after_dense": epochs_after_dense(case, budget),
+                    "dense_accuracy": mean_sd(list({r["seed"]: r["dense_accuracy"] for r in mine}.values())),
+                    "methods": per_method,
+                    "wall_s": sum(r["seconds"] for r in mine),
+                    "dense_wall_s": sum(dense),
+                }
+            )
+    return {"rows": rows, "summaries": summaries}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=BUDGETS)
+    parser.add_argument("--methods", nargs="+", default=list(methods.METHODS), choices=methods.METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--root", default="runs/suite", help="where the runs' workdirs are kept")
+    parser.add_argument("--collect", action="store_true", help="train nothing: write the JSON from finished runs")
+    parser.add_argument("--out", default=OUT)
+    args = parser.parse_args()
+
+    def write():
+        write_json(
+            args.out,
+            {
+                "command": " ".join(["python", "benchmarks/suite.py", *sys.argv[1:]]),
+                "dense_recipes": DENSE,
+                "peer_epochs": PEER_EPOCHS,
+                **collect(args.root),
+            },
+        )
+
+    start = time.perf_counter()
+    if not args.collect:
+        # Seed-major: every seed's dense model, then its runs, so a sitting ends with whole seeds.
+        for seed in args.seeds:
+            for case in args.cases:
+                for budget in args.budgets:
+                    for method in args.methods:
+                        run_one(args.root, case, budget, method, seed)
+                        write()
+    write()
+    print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
