@@ -16,9 +16,14 @@ methods' differences are paired. The dense recipe is the peer's (learning
 rate 0.05 with a 10% linear warm-up, 4 epochs for LeNet-5, 3 for ResNet-20).
 
 Every run's workdir stays under ``--root``: a rerun reuses finished runs and
-resumes interrupted ones. After each run ``benchmarks/results/suite.json`` is
-rewritten from every finished run under the root (so a crash loses at most
-the run in progress): one row per run, and per case and budget each method's
+resumes interrupted ones. The rows of ``benchmarks/results/suite.json`` are
+finished runs too: each carries a fingerprint of its run's configuration
+(the method's own settings, not the dense model's path), and a run whose row
+is there with the fingerprint today's code gives it is not trained again, so
+the suite goes on in a fresh checkout; a row whose fingerprint no longer
+matches (its method's defaults changed) is dropped and its run trained anew.
+After each run ``benchmarks/results/suite.json`` is rewritten from every
+finished run (so a crash loses at most the run in progress): one row per run, and per case and budget each method's
 mean and standard deviation over its seeds and ADMM's paired difference from
 it, with a 95% confidence interval (Student's t over the seeds both have),
 and the wall time of the case's runs. ``benchmarks/results.py`` renders the
@@ -26,6 +31,7 @@ README's table from it.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -107,18 +113,43 @@ def train_dense(root: str, dense: str, seed: int) -> str:
     return workdir
 
 
-def run_one(root: str, case: str, budget: str, method: str, seed: int) -> dict:
+def run_config(root: str, case: str, budget: str, method: str, seed: int):
     spec = CASES[case]
-    init = train_dense(root, spec["dense"], seed)
     overrides = [
         f"prune.ratio={spec['ratio']}",
         f"prune.method={method}",
-        f"dense.init={init}",
+        f"dense.init={dense_dir(root, spec['dense'], seed)}",
         *budget_overrides(budget, spec["ratio"]),
     ]
+    return config_of(spec["dense"], seed, overrides)
+
+
+#: ADMM's own fields; the rest of ``admm`` (epochs, learning rate, schedule) is every method's budget.
+ADMM_ONLY = ("rho", "rho_schedule", "rho_factor", "max_rho", "interval")
+
+
+def fingerprint(root: str, case: str, budget: str, method: str, seed: int) -> str:
+    """A hash of what decides a run's result: its configuration without the
+    dense model's path (the dense recipe and seed stand for it), the progress
+    bar, and the settings of the methods it does not use."""
+    c = run_config(root, case, budget, method, seed).to_dict()
+    del c["dense"]["init"], c["progress"]
+    for other in methods.METHODS:
+        if other not in (method, "admm"):
+            c.pop(other, None)
+    if method != "admm":
+        for field in ADMM_ONLY:
+            c["admm"].pop(field, None)
+    c["dense_recipe"] = DENSE[CASES[case]["dense"]]
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_one(root: str, case: str, budget: str, method: str, seed: int) -> dict:
+    init = train_dense(root, CASES[case]["dense"], seed)
+    assert init == dense_dir(root, CASES[case]["dense"], seed)
     workdir = run_dir(root, case, budget, method, seed)
     print(f"== {case} {budget} {method} seed {seed} ({workdir})", flush=True)
-    return pipeline.run(config_of(spec["dense"], seed, overrides), workdir)
+    return pipeline.run(run_config(root, case, budget, method, seed), workdir)
 
 
 def mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -151,8 +182,22 @@ def epochs_after_dense(case: str, budget: str) -> int:
     return sum(p.epochs for p in pipeline.plan_phases(config)[1:])
 
 
-def collect(root: str) -> dict:
-    """Every finished run under ``root``, and each case's statistics."""
+def key(row: dict) -> tuple:
+    return row["case"], row["budget"], row["method"], row["seed"]
+
+
+def kept_rows(root: str, path: str) -> list[dict]:
+    """The rows of an earlier ``suite.json`` whose fingerprint today's code still gives."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        old = json.load(f).get("rows", [])
+    return [r for r in old if r.get("fingerprint") == fingerprint(root, *key(r))]
+
+
+def collect(root: str, previous: list[dict] = ()) -> dict:
+    """Every finished run under ``root`` or in ``previous`` (rows of an earlier
+    JSON, see :func:`kept_rows`; a run under ``root`` wins), and each case's statistics."""
     rows = []
     for case, spec in CASES.items():
         for budget in BUDGETS:
@@ -178,8 +223,13 @@ def collect(root: str) -> dict:
                             "flops_removed": r["flops_removed"],
                             "layers": {k: v["kept"] for k, v in r["layers"].items()},
                             "seconds": r["seconds"],
+                            "dense_seconds": dense_seconds(root, spec["dense"], seed),
+                            "fingerprint": fingerprint(root, case, budget, method, seed),
                         }
                     )
+    have = {key(r) for r in rows}
+    rows += [r for r in previous if key(r) not in have]
+    rows.sort(key=lambda r: (list(CASES).index(r["case"]), BUDGETS.index(r["budget"]), r["method"], r["seed"]))
     summaries = []
     for case in CASES:
         for budget in BUDGETS:
@@ -204,7 +254,7 @@ def collect(root: str) -> dict:
                     }
                 )
             seeds = sorted({r["seed"] for r in mine})
-            dense = [dense_seconds(root, CASES[case]["dense"], s) for s in seeds]
+            dense = {r["seed"]: r.get("dense_seconds", 0.0) for r in mine}.values()
             summaries.append(
                 {
                     "case": case,
@@ -231,6 +281,8 @@ def main():
     parser.add_argument("--collect", action="store_true", help="train nothing: write the JSON from finished runs")
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args()
+    previous = kept_rows(args.root, args.out)
+    done = {key(r) for r in previous}
 
     def write():
         write_json(
@@ -239,7 +291,7 @@ def main():
                 "command": " ".join(["python", "benchmarks/suite.py", *sys.argv[1:]]),
                 "dense_recipes": DENSE,
                 "peer_epochs": PEER_EPOCHS,
-                **collect(args.root),
+                **collect(args.root, previous),
             },
         )
 
@@ -250,6 +302,8 @@ def main():
             for case in args.cases:
                 for budget in args.budgets:
                     for method in args.methods:
+                        if (case, budget, method, seed) in done:
+                            continue  # its row in the JSON still holds
                         run_one(args.root, case, budget, method, seed)
                         write()
     write()
