@@ -140,6 +140,10 @@ def fingerprint(root: str, case: str, budget: str, method: str, seed: int) -> st
     if method != "admm":
         for field in ADMM_ONLY:
             c["admm"].pop(field, None)
+    if c["prune"].get("sparsity", "channel") == "channel":
+        # Fields added after the first rows, which channel pruning does not read.
+        for field in ("sparsity", "n", "m", "block"):
+            c["prune"].pop(field, None)
     c["dense_recipe"] = DENSE[CASES[case]["dense"]]
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -186,13 +190,31 @@ def key(row: dict) -> tuple:
     return row["case"], row["budget"], row["method"], row["seed"]
 
 
+def dense_accuracy(root: str, dense: str, seed: int) -> float | None:
+    """The accuracy of a seed's dense model under ``root``, or None if it is not trained there."""
+    path = os.path.join(dense_dir(root, dense, seed), "dense.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["dense"]["accuracy"]
+
+
 def kept_rows(root: str, path: str) -> list[dict]:
-    """The rows of an earlier ``suite.json`` whose fingerprint today's code still gives."""
+    """The rows of an earlier ``suite.json`` that still hold: today's code
+    gives their run the same fingerprint, and their dense model is the one
+    under ``root`` (same accuracy; a dense model retrained on another machine
+    differs in float rounding, and rows from two dense models do not pair) or
+    there is none there yet."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
         old = json.load(f).get("rows", [])
-    return [r for r in old if r.get("fingerprint") == fingerprint(root, *key(r))]
+    out = []
+    for r in old:
+        here = dense_accuracy(root, CASES[r["case"]]["dense"], r["seed"])
+        if r.get("fingerprint") == fingerprint(root, *key(r)) and here in (None, r["dense_accuracy"]):
+            out.append(r)
+    return out
 
 
 def collect(root: str, previous: list[dict] = ()) -> dict:
@@ -282,7 +304,6 @@ def main():
     parser.add_argument("--out", default=OUT)
     args = parser.parse_args()
     previous = kept_rows(args.root, args.out)
-    done = {key(r) for r in previous}
 
     def write():
         write_json(
@@ -300,6 +321,9 @@ def main():
         # Seed-major: every seed's dense model, then its runs, so a sitting ends with whole seeds.
         for seed in args.seeds:
             for case in args.cases:
+                train_dense(args.root, CASES[case]["dense"], seed)
+                previous = kept_rows(args.root, args.out)  # rows of another dense model drop out
+                done = {key(r) for r in previous}
                 for budget in args.budgets:
                     for method in args.methods:
                         if (case, budget, method, seed) in done:
