@@ -26,6 +26,9 @@ filters, dense neurons; never the output layer): 0.9 keeps 2 of LeNet-5's 20
 conv1 filters, 5 of 50 conv2 filters and 50 of 500 fc1 neurons. ADMM reaches it
 in progressive stages that halve what is left while more than 0.05 below R:
 0.9 -> 0.5, 0.75, 0.9; 0.7 -> 0.5, 0.7; 0.5 -> 0.5. Set them with --stages.
+--sparsity unstructured (nm, column, block) prunes single weights (N:M
+entries, columns, blocks) of the same layers instead, and keeps the masked
+model: R is then the fraction of each kernel's weights (columns, blocks) removed.
 
 Rerunning the same command resumes an interrupted run from its last checkpoint,
 and says so when the run is already complete."""
@@ -68,6 +71,12 @@ def build_parser() -> cli.Parser:
         "(L1 on BatchNorm scales), relaxation (sigmoid channel gates with a FLOPs target), group_lasso; "
         "see admmprune/app/methods.py",
     )
+    parser.add_string(
+        "sparsity",
+        "channel (default: filters and neurons, collapsed into a smaller model), or a set on every pruned "
+        "kernel, kept as a masked model: unstructured, nm (prune.n of every prune.m weights, 2:4 by default), "
+        "column or block (prune.block); methods admm and magnitude",
+    )
     parser.add_string("workdir", "the run's directory (default: runs/MODEL-DATASET-METHOD-RATIO)")
     group = "multi-process runs (docs/distributed.md)"
     parser.add_string(
@@ -105,6 +114,8 @@ def parse_args(argv: list[str]) -> tuple[ConfigDict, str]:
         config.prune.stages = args.stages
     if args.method is not None:
         config.prune.method = args.method
+    if args.sparsity is not None:
+        config.prune.sparsity = args.sparsity
     return config, args.workdir or cli.default_workdir(config)
 
 

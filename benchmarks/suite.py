@@ -15,6 +15,10 @@ model starts from it (``dense.init``): same seed, same dense model, so the
 methods' differences are paired. The dense recipe is the peer's (learning
 rate 0.05 with a 10% linear warm-up, 4 epochs for LeNet-5, 3 for ResNet-20).
 
+Besides the methods, a case may run *variants*: a method with other settings
+(:data:`VARIANTS`, e.g. ``admm_pruned_penalty``), compared with ADMM like a
+method.
+
 Every run's workdir stays under ``--root``: a rerun reuses finished runs and
 resumes interrupted ones. The rows of ``benchmarks/results/suite.json`` are
 finished runs too: each carries a fingerprint of its run's configuration
@@ -67,6 +71,13 @@ CASES = {
     "resnet20-fashion-0.5": {"dense": "resnet20-fashion", "ratio": 0.5},
 }
 BUDGETS = ("peer", "default")
+#: Variants of a method, compared like methods: name -> (method, overrides).
+VARIANTS = {
+    # ADMM whose penalty pulls only the weights the last projection removed (admm.penalty).
+    "admm_pruned_penalty": ("admm", ["admm.penalty=pruned"]),
+}
+#: Everything a case can run, in the order of the tables.
+ENTRIES = (*methods.METHODS, *VARIANTS)
 #: Epochs after the dense phase at the peer's budget.
 PEER_EPOCHS = 4
 SEEDS = (0, 1, 2)
@@ -115,35 +126,34 @@ def train_dense(root: str, dense: str, seed: int) -> str:
 
 def run_config(root: str, case: str, budget: str, method: str, seed: int):
     spec = CASES[case]
+    base, extra = VARIANTS.get(method, (method, []))
     overrides = [
         f"prune.ratio={spec['ratio']}",
-        f"prune.method={method}",
+        f"prune.method={base}",
         f"dense.init={dense_dir(root, spec['dense'], seed)}",
         *budget_overrides(budget, spec["ratio"]),
+        *extra,
     ]
     return config_of(spec["dense"], seed, overrides)
 
 
 #: ADMM's own fields; the rest of ``admm`` (epochs, learning rate, schedule) is every method's budget.
-ADMM_ONLY = ("rho", "rho_schedule", "rho_factor", "max_rho", "interval")
+ADMM_ONLY = ("rho", "rho_schedule", "rho_factor", "max_rho", "interval", "penalty")
 
 
 def fingerprint(root: str, case: str, budget: str, method: str, seed: int) -> str:
     """A hash of what decides a run's result: its configuration without the
     dense model's path (the dense recipe and seed stand for it), the progress
     bar, and the settings of the methods it does not use."""
-    c = run_config(root, case, budget, method, seed).to_dict()
-    del c["dense"]["init"], c["progress"]
+    c = pipeline.settings(run_config(root, case, budget, method, seed)).comparable  # new neutral fields left out
+    del c["dense"]["init"]
+    method = VARIANTS.get(method, (method,))[0]
     for other in methods.METHODS:
         if other not in (method, "admm"):
             c.pop(other, None)
     if method != "admm":
         for field in ADMM_ONLY:
             c["admm"].pop(field, None)
-    if c["prune"].get("sparsity", "channel") == "channel":
-        # Fields added after the first rows, which channel pruning does not read.
-        for field in ("sparsity", "n", "m", "block"):
-            c["prune"].pop(field, None)
     c["dense_recipe"] = DENSE[CASES[case]["dense"]]
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -223,7 +233,7 @@ def collect(root: str, previous: list[dict] = ()) -> dict:
     rows = []
     for case, spec in CASES.items():
         for budget in BUDGETS:
-            for method in methods.METHODS:
+            for method in ENTRIES:
                 for seed in range(100):
                     path = os.path.join(run_dir(root, case, budget, method, seed), "report.json")
                     if not os.path.exists(path):
@@ -258,7 +268,7 @@ def collect(root: str, previous: list[dict] = ()) -> dict:
             mine = [r for r in rows if r["case"] == case and r["budget"] == budget]
             if not mine:
                 continue
-            acc = {m: {r["seed"]: r["accuracy"] for r in mine if r["method"] == m} for m in methods.METHODS}
+            acc = {m: {r["seed"]: r["accuracy"] for r in mine if r["method"] == m} for m in ENTRIES}
             per_method = []
             for m, by_seed in acc.items():
                 if not by_seed:
@@ -297,7 +307,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=BUDGETS)
-    parser.add_argument("--methods", nargs="+", default=list(methods.METHODS), choices=methods.METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(methods.METHODS), choices=ENTRIES)
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--root", default="runs/suite", help="where the runs' workdirs are kept")
     parser.add_argument("--collect", action="store_true", help="train nothing: write the JSON from finished runs")

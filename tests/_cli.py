@@ -61,3 +61,26 @@ def snapshot(directory):
             st = os.stat(p)
             out[os.path.relpath(p, directory)] = (st.st_size, st.st_mtime_ns)
     return out
+
+
+def eval_slice_accuracy(model, data_dir):
+    """A model's accuracy on the smoke config's eval slice (the first 512 MNIST test images), in eval mode."""
+    import numpy as np
+
+    from admmprune import data
+
+    info = data.dataset_info("mnist", data_dir)
+    source = data.load_source("mnist", "test[:512]", data_dir)
+    loader = data.make_loader(
+        source,
+        batch_size=512,
+        seed=0,
+        shuffle=False,
+        drop_remainder=False,
+        normalize=(info.mean, info.std),
+        shard_index=0,
+        shard_count=1,
+    )
+    batch = next(iter(loader))
+    model.eval()
+    return float(np.mean(np.asarray(model(batch["image"]).argmax(-1)) == batch["label"]))

@@ -285,3 +285,36 @@ def test_set_stage_can_reset_rho_and_rescales_u():
     np.testing.assert_allclose(new.u["hidden"]["kernel"], state.u["hidden"]["kernel"] * 0.25, rtol=1e-6)
     assert float(new.keep_ratio["out"]["kernel"]) == 0.25
     assert new.rho["out"]["bias"] is None
+
+
+def test_pruned_penalty_frees_kept_weights_and_pulls_removed_ones():
+    # After a dual update a kept weight has U = 0 and Z = its value then: textbook
+    # ADMM pulls it back there once it moves; penalty="pruned" leaves it alone.
+    params = small_params()
+    grads_fn = lambda p: jax.tree.map(jnp.cos, p)  # noqa: E731
+    for penalty in ("all", "pruned"):
+        tx = ap.admm(SPECS, rho=0.5, keep_ratio=0.5, interval=3, penalty=penalty)
+        sgd = optax.chain(tx, optax.sgd(0.1))
+        _, _, hist = run_steps(sgd, params, sgd.init(params), 4, grads_fn=grads_fn)
+        p, state = hist[-1][0], hist[-1][1][0]  # one step past the dual update at count 3
+        zeros = jax.tree.map(jnp.zeros_like, p)
+        updates, _ = jax.jit(tx.update)(zeros, state, p)
+        for s, g, w, z, u, m in zip(
+            *(
+                jax.tree.leaves(t, is_leaf=lambda x: x is None or isinstance(x, ap.sparsity.SPEC_TYPES))
+                for t in (SPECS, updates, p, state.z, state.u, state.mask)
+            ),
+            strict=True,
+        ):
+            if s is None:
+                continue
+            full = 0.5 * (w - z + u)
+            assert bool(m.any()) and bool((~m).any())
+            np.testing.assert_allclose(g[~m], full[~m], rtol=1e-6)  # removed: pulled either way
+            assert float(jnp.abs(full[m]).max()) > 1e-4  # the anchor textbook ADMM puts on kept weights
+            np.testing.assert_allclose(g[m], full[m] if penalty == "all" else 0.0, rtol=1e-6, atol=0)
+
+
+def test_unknown_penalty_is_refused():
+    with pytest.raises(ValueError, match="penalty"):
+        ap.admm(SPECS, penalty="kept")

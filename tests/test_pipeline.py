@@ -8,7 +8,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from _cli import SMOKE, cli, kill_after_checkpoint, snapshot, strip_timing
+from _cli import SMOKE, cli, eval_slice_accuracy, kill_after_checkpoint, snapshot, strip_timing
 
 import admmprune
 from admmprune import pipeline, train
@@ -136,7 +136,7 @@ def run_main(args, capsys):
 
 
 def test_stop_after_dense_saves_the_dense_model(smoke_run, tmp_path, data_dir):
-    from admmprune import data, pipeline
+    from admmprune import pipeline
 
     config = train.load_config(SMOKE)
     config.data.data_dir = data_dir
@@ -150,24 +150,7 @@ def test_stop_after_dense_saves_the_dense_model(smoke_run, tmp_path, data_dir):
     dense = admmprune.load(os.path.join(workdir, "dense"))
     assert dense.widths == (20, 50, 500)
     # The saved dense model is the trained one: its accuracy on the eval slice is the report's.
-    info = data.dataset_info("mnist", data_dir)
-    source = data.load_source("mnist", "test[:512]", data_dir)
-    batch = next(
-        iter(
-            data.make_loader(
-                source,
-                batch_size=512,
-                seed=0,
-                shuffle=False,
-                drop_remainder=False,
-                normalize=(info.mean, info.std),
-                shard_index=0,
-                shard_count=1,
-            )
-        )
-    )
-    dense.eval()
-    accuracy = float(np.mean(np.asarray(dense(batch["image"]).argmax(-1)) == batch["label"]))
+    accuracy = eval_slice_accuracy(dense, data_dir)
     assert accuracy == pytest.approx(partial["dense"]["accuracy"], abs=1e-6)
 
     # The last checkpoint is the end of the dense phase (32 steps): a later run without

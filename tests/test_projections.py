@@ -191,6 +191,38 @@ def test_coupled_group_projection_is_exact(seed, channels, keep):
     assert dist == pytest.approx(brute_force_joint(leaves, members, keep), rel=1e-5, abs=1e-5)
 
 
+JOINT = [Unstructured(group="g"), Column(group="g"), Block((2, 2), group="g")]
+# The first leaf's first two rows are whole groups of every kind, removed earlier: they stay removed.
+JOINT_SUPPORT = [np.arange(12).reshape(3, 4) >= 8] + [np.ones((3, 4), bool)] * len(JOINT)
+project_joint = jax.jit(lambda t, r: P.project_tree(t, [*JOINT, Unstructured()], r, support=JOINT_SUPPORT))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), keep=st.floats(0.05, 1.0))
+def test_specs_sharing_a_group_name_are_projected_as_one_set(seed, keep):
+    """Weights (columns, blocks) of several leaves ranked together: the top k of all of them, exactly;
+    the last leaf, with a spec of its own, is projected alone."""
+    rng = np.random.default_rng(seed)
+    joint, support = JOINT, JOINT_SUPPORT
+    tree = [(rng.normal(size=(3, 4)) * (i + 1)).astype(np.float32) for i in range(len(joint) + 1)]
+    out, _ = project_joint(tree, jnp.float32(keep))
+    out = [np.asarray(x, np.float64) for x in out]
+    assert not out[0][:2].any()
+    np.testing.assert_array_equal(out[-1], np.asarray(P.project(tree[-1], Unstructured(), keep)))
+    n = len(joint)
+    scores = np.concatenate(
+        [np.asarray(P.group_scores(jnp.asarray(x), sp), np.float64) for x, sp in zip(tree[:n], joint, strict=True)]
+    )
+    alive = np.concatenate(
+        [np.asarray(P.groups_alive(jnp.asarray(m), sp)) for m, sp in zip(support[:n], joint, strict=True)]
+    )
+    k = int(P.num_kept(scores.size, keep))
+    assert sum(nonzero_groups(p, sp) for p, sp in zip(out[:n], joint, strict=True)) <= k
+    best = np.sort(scores[alive])[::-1][:k].sum()  # the top k of all the live groups together
+    dist = sum(float(np.sum((x.astype(np.float64) - p) ** 2)) for x, p in zip(tree[:n], out[:n], strict=True))
+    assert dist == pytest.approx(scores.sum() - best, rel=1e-5, abs=1e-5)
+
+
 def test_coupled_leaf_keeps_what_every_group_keeps():
     tree = [jnp.ones((4, 6)), jnp.ones((6, 4)), jnp.ones((4, 2))]
     specs = [Filter(group="h0"), Coupled((Channel(group="h0"), Filter(group="h1"))), Channel(group="h1")]

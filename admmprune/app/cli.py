@@ -83,8 +83,16 @@ def load_config(spec: str) -> ConfigDict:
 
 
 def default_workdir(config: ConfigDict) -> str:
-    """``runs/MODEL-DATASET-METHOD-RATIO``: where a run of ``config`` goes unless told."""
-    return os.path.join("runs", f"{config.model.name}-{config.data.name}-{config.prune.method}-{config.prune.ratio:g}")
+    """``runs/MODEL-DATASET-METHOD-RATIO``: where a run of ``config`` goes unless told
+    (``METHOD-SPARSITY-RATIO`` for a sparsity other than channel, ``METHOD-NofM`` for N:M)."""
+    p = config.prune
+    pruned = f"{p.method}-{p.ratio:g}"
+    sparsity = p.get("sparsity", "channel")
+    if sparsity == "nm":
+        pruned = f"{p.method}-{p.n}of{p.m}"
+    elif sparsity != "channel":
+        pruned = f"{p.method}-{sparsity}-{p.ratio:g}"
+    return os.path.join("runs", f"{config.model.name}-{config.data.name}-{pruned}")
 
 
 def _field(config: ConfigDict, key: str) -> tuple[ConfigDict, str]:

@@ -54,12 +54,15 @@ def get_config() -> ConfigDict:
     # Epochs of dense training.
     c.dense.epochs = 4
     # Learning rate of SGD in this phase (where a cosine schedule starts).
-    c.dense.learning_rate = 0.01
+    # Torch-Pruning's LeNet-5 recipe: 0.05 with a 10% warm-up reaches
+    # 99.25 +- 0.03% in 4 epochs (3 seeds), 0.01 without warm-up 98.91%; on
+    # ResNet-20 / Fashion-MNIST 92.15 +- 0.11% in 3 epochs (2 seeds; suite.json).
+    c.dense.learning_rate = 0.05
     # "cosine" (decay to 0 over the phase) or "constant".
     c.dense.schedule = "cosine"
     # Fraction of the phase's steps over which the learning rate rises linearly
     # from 0 to dense.learning_rate (then the schedule runs over the rest).
-    c.dense.warmup = 0.0
+    c.dense.warmup = 0.1
     # A trained dense model to start from instead of training one: a pipeline
     # workdir (its dense/ model) or a directory admmprune.load reads. It must
     # be this config's model (same architecture and widths); the dense phase
@@ -82,9 +85,14 @@ def get_config() -> ConfigDict:
     # channels) or across all layers ("global": the network loses `ratio` of
     # all channels; each layer keeps at least one). For magnitude, l1_mask,
     # slimming and group_lasso; ADMM and the relaxation are layer-wise and global.
+    # With a prune.sparsity other than channel, it is ADMM's and magnitude's:
+    # "global" ranks the weights (columns, blocks) of all pruned kernels together.
     c.prune.scope = "layer"
     # Fraction of channels (conv filters, dense neurons) removed in every
-    # prunable layer; the output layer is never pruned. --ratio sets it.
+    # prunable layer; the output layer is never pruned. --ratio sets it. With
+    # prune.sparsity unstructured, column or block: the fraction of every pruned
+    # kernel's weights, columns or blocks removed (of all of them, with
+    # prune.scope=global).
     c.prune.ratio = 0.9
     # Ratios of the progressive stages, ending at `ratio`; None derives them:
     # removed fraction 0.5, 0.75, 0.875, ... while below ratio - 0.05, then ratio.
@@ -99,6 +107,28 @@ def get_config() -> ConfigDict:
     # does not apply). --ratio 0.75 --config.prune.budget=macs keeps at most a
     # quarter of the dense model's MACs.
     c.prune.budget = "channels"
+    # What is pruned. "channel": coupled channel groups (conv filters, dense
+    # neurons, with what reads them), collapsed at the end into a smaller model
+    # (WORKDIR/model). Otherwise a set on the kernel of every layer that channel
+    # pruning prunes (never the output layer; biases and norms stay dense), and
+    # WORKDIR/model is the masked model, of the dense shapes, with the report
+    # counting its non-zero weights: "unstructured" (single weights), "nm"
+    # (prune.n of every prune.m consecutive weights along the input channels),
+    # "column" (a window position and input channel across all filters) or
+    # "block" (tiles of prune.block). For methods admm and magnitude (criterion
+    # l2: the Euclidean projection onto the set); budget=macs and round_to are
+    # for channels. The nm set is fixed, so ratio and stages do not apply: one
+    # stage of admm.epochs_per_stage epochs, reported as ratio 1 - n/m.
+    # --sparsity sets it.
+    c.prune.sparsity = "channel"
+    # prune.sparsity="nm": at most n non-zeros in every m consecutive weights
+    # along a kernel's input axis (2:4 is what GPU sparse tensor cores run).
+    c.prune.n = 2
+    # The m of prune.n non-zeros in every m weights (n < m).
+    c.prune.m = 4
+    # prune.sparsity="block": the tile on a kernel's trailing axes (input,
+    # output channels); a conv kernel's window axes have tiles of size 1.
+    c.prune.block = (4, 4)
 
     # Phase 2 (method "admm"): one ADMM stage per ratio of prune.stages.
     c.admm = ConfigDict()
@@ -123,6 +153,11 @@ def get_config() -> ConfigDict:
     # Measured on LeNet-5 at ratio 0.9 (README): 100 -> 98.46%, 20 -> 98.56%,
     # 10 -> lower, 5 -> diverged.
     c.admm.interval = 20
+    # Which weights the penalty rho (W - Z + U) pulls: "all" (textbook ADMM:
+    # it also anchors every kept weight to its value at the last dual update)
+    # or "pruned" (only those the last projection removed; the kept ones train
+    # freely between updates).
+    c.admm.penalty = "all"
 
     # The other methods. Their regularized training ("sparsify") phase lasts as
     # long as ADMM's stages (admm.epochs_per_stage per stage) and uses

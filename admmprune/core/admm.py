@@ -102,6 +102,7 @@ def admm(
     rho_schedule: RhoSchedule | None = None,
     round_to: int = 1,
     projection: Callable[..., tuple[Params, Masks]] | None = None,
+    penalty: str = "all",
 ) -> optax.GradientTransformationExtraArgs:
     """ADMM for ``min loss(W) s.t. W in S``, as a gradient transformation.
 
@@ -135,6 +136,8 @@ def admm(
     """
     if interval < 1:
         raise ValueError(f"interval must be at least 1, got {interval}")
+    if penalty not in ("all", "pruned"):
+        raise ValueError(f"penalty must be 'all' or 'pruned', got {penalty!r}")
     schedule = rho_schedule or constant_rho()
     project = project_tree if projection is None else projection
 
@@ -172,15 +175,17 @@ def admm(
             raise ValueError("admm needs the current parameters: call update(grads, state, params)")
         due = (state.count > 0) & (state.count % interval == 0)
         state = jax.lax.cond(due, dual_update, lambda p, s: s, params, state)
+
+        def add_penalty(s, g, w, z, u, r, m):
+            if s is None:
+                return g
+            pull = r.astype(w.dtype) * (w - z + u)
+            if penalty == "pruned":
+                pull = jnp.where(m, jnp.zeros_like(pull), pull)
+            return g + pull.astype(g.dtype)
+
         updates = jax.tree.map(
-            lambda s, g, w, z, u, r: g if s is None else g + (r.astype(w.dtype) * (w - z + u)).astype(g.dtype),
-            specs,
-            updates,
-            params,
-            state.z,
-            state.u,
-            state.rho,
-            is_leaf=is_spec,
+            add_penalty, specs, updates, params, state.z, state.u, state.rho, state.mask, is_leaf=is_spec
         )
         primal = _map(lambda w, z: _relative(_norm(w - z), w), specs, params, state.z)
         return updates, state._replace(count=state.count + 1, primal_residual=primal)

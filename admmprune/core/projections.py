@@ -32,6 +32,7 @@ from admmprune._types import Masks, Params, Specs, is_none, per_leaf
 from admmprune.core.groups import channel_groups
 from admmprune.core.sparsity import (
     CHANNEL_SPECS,
+    JOINT_SPECS,
     Block,
     Column,
     Coupled,
@@ -268,14 +269,19 @@ def project_tree(
     is its squared norm summed over every member, the top-k channels of the
     group are kept in every member, and all others are zeroed in all members.
     This is the exact projection onto that joint set. A leaf in several groups
-    (:class:`admmprune.core.sparsity.Coupled`) keeps what all its groups keep. Every
-    other leaf is projected on its own with :func:`project`.
+    (:class:`admmprune.core.sparsity.Coupled`) keeps what all its groups keep.
+    Leaves whose ``Unstructured``, ``Column`` or ``Block`` specs share a
+    ``group`` name are one set too: the ``k`` groups (weights, columns,
+    blocks) of largest norm among all of theirs are kept, ``k`` counted over
+    all of them (the exact projection onto "at most ``k`` non-zero groups in
+    these leaves together"). Every other leaf is projected on its own with
+    :func:`project`.
 
     Args:
       tree: a pytree of arrays.
       specs: a spec tree shaped like ``tree`` (``None`` = not pruned).
       keep_ratio: a scalar, or a tree of scalars shaped like ``specs``. A group
-        uses the ratio of its first member.
+        (channel or joint) uses the ratio of its first member.
       support: optional masks tree (``None`` leaves where not pruned).
       round_to: keep a multiple of this many channels in every coupled group
         (see :func:`num_kept`).
@@ -303,11 +309,35 @@ def project_tree(
             mask = expand_groups(keep, m.spec, leaves[m.leaf].shape)
             masks[m.leaf] = mask if masks[m.leaf] is None else masks[m.leaf] & mask
 
+    joint: dict[str, list[int]] = {}
     for i in groups.outside():
-        masks[i] = projection_mask(leaves[i], groups.specs[i], ratios[i], support=supports[i])
+        spec = groups.specs[i]
+        if isinstance(spec, JOINT_SPECS) and spec.group is not None:
+            joint.setdefault(spec.group, []).append(i)
+        else:
+            masks[i] = projection_mask(leaves[i], spec, ratios[i], support=supports[i])
+    for members in joint.values():
+        for i, mask in zip(members, _joint_masks(leaves, groups.specs, ratios, supports, members), strict=True):
+            masks[i] = mask
 
     out = [x if m is None else jnp.where(m, x, jnp.zeros((), x.dtype)) for x, m in zip(leaves, masks, strict=True)]
     return groups.unflatten(out), groups.unflatten(masks)
+
+
+def _joint_masks(leaves, specs, ratios, supports, members: list[int]) -> list[jax.Array]:
+    """The masks of leaves whose specs share a ``group`` name: the top-k of all their groups together."""
+    scores = [group_scores(leaves[i], specs[i]) for i in members]
+    sizes = [int(x.shape[0]) for x in scores]
+    alive = None
+    if supports[members[0]] is not None:
+        alive = jnp.concatenate([groups_alive(supports[i], specs[i]) for i in members])
+    keep = top_k_groups(jnp.concatenate(scores), num_kept(sum(sizes), ratios[members[0]]), alive)
+    out, start = [], 0
+    for i, size in zip(members, sizes, strict=True):
+        mask = expand_groups(keep[start : start + size], specs[i], leaves[i].shape)
+        out.append(mask if supports[i] is None else mask & supports[i])
+        start += size
+    return out
 
 
 def apply_masks(tree: Params, masks: Masks) -> Params:

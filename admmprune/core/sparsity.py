@@ -4,7 +4,10 @@ A *spec* names a constraint set S for one parameter. Each spec splits a tensor
 into *groups* (channels, columns, blocks, single weights); the set is "at most
 k groups non-zero", with ``k = keep_ratio * num_groups`` (see
 :func:`admmprune.core.projections.num_kept`). ``NofM`` is the exception: its set is
-fixed, at most ``n`` non-zeros in every ``m`` consecutive weights.
+fixed, at most ``n`` non-zeros in every ``m`` consecutive weights. The
+``Unstructured``, ``Column`` and ``Block`` specs of several parameters may
+share a ``group`` name: they are then one set, their groups ranked together
+(global rather than layer-wise magnitude pruning).
 
 Axes follow Flax's kernel layout: a dense kernel is ``(in, out)`` and a conv
 kernel is ``(*window, in, out)``, so output channels (filters) are the last
@@ -36,7 +39,16 @@ from admmprune._types import Params, Specs, is_none, path_str
 
 @dataclasses.dataclass(frozen=True)
 class Unstructured:
-    """Every weight is its own group: keep the ``k`` largest magnitudes."""
+    """Every weight is its own group: keep the ``k`` largest magnitudes.
+
+    Args:
+      group: parameters whose specs share a ``group`` name are one set: the
+        ``k`` largest magnitudes of all their weights together are kept
+        (global magnitude pruning), ``k`` from the first one's keep ratio.
+        ``None``: the parameter is a set of its own.
+    """
+
+    group: str | None = None
 
     def num_groups(self, shape: Sequence[int]) -> int:
         """The number of groups this spec splits a tensor of ``shape`` into."""
@@ -130,7 +142,14 @@ class Column:
 
     For a kernel of shape ``(*window, in, out)`` there are ``prod(window) * in``
     groups; for a dense kernel this equals :class:`Channel`.
+
+    Args:
+      group: parameters whose specs share a ``group`` name are one set: the
+        ``k`` columns of largest norm among all of theirs are kept (as
+        :class:`Unstructured`'s ``group``).
     """
+
+    group: str | None = None
 
     def num_groups(self, shape: Sequence[int]) -> int:
         """The number of groups this spec splits a tensor of ``shape`` into."""
@@ -157,9 +176,16 @@ class Block:
 
     ``shape`` aligns with the last ``len(shape)`` axes; leading axes have block
     size 1. Edge blocks of axes that ``shape`` does not divide are smaller.
+
+    Args:
+      shape: the block's sizes on the trailing axes.
+      group: parameters whose specs share a ``group`` name are one set: the
+        ``k`` blocks of largest norm among all of theirs are kept (as
+        :class:`Unstructured`'s ``group``).
     """
 
     shape: tuple[int, ...]
+    group: str | None = None
 
     def block_sizes(self, shape: Sequence[int]) -> list[int]:
         """The block's size on every axis of ``shape`` (1 on the leading axes)."""
@@ -196,6 +222,9 @@ Spec = Unstructured | Filter | Channel | Column | NofM | Block | Coupled
 SPEC_TYPES = (Unstructured, Filter, Channel, Column, NofM, Block, Coupled)
 #: Specs whose groups are channels and can therefore be pruned jointly.
 CHANNEL_SPECS = (Filter, Channel)
+#: Specs of single weights, columns or blocks that a ``group`` name ranks
+#: jointly over several parameters.
+JOINT_SPECS = (Unstructured, Column, Block)
 
 Rule = tuple[str, Spec | None]
 

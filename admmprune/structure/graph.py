@@ -20,7 +20,7 @@ import jax
 
 from admmprune._types import Masks, Params, Specs, path_str
 from admmprune.core.groups import channel_groups
-from admmprune.core.sparsity import Channel, Coupled, Filter
+from admmprune.core.sparsity import Channel, Coupled, Filter, Spec, is_spec
 
 
 def chain_specs(params: Params, chain: Sequence[tuple[str, int]]) -> Specs:
@@ -72,6 +72,32 @@ def chain_specs(params: Params, chain: Sequence[tuple[str, int]]) -> Specs:
     return specs
 
 
+def kernel_specs(specs: Specs, spec: Spec) -> Specs:
+    """``spec`` on the kernel of every layer whose output channels ``specs`` prunes.
+
+    The layers that channel pruning prunes (a ``kernel`` with a ``Filter``
+    spec, alone or in a ``Coupled`` one) get ``spec`` instead, e.g.
+    :class:`~admmprune.core.sparsity.Unstructured` or
+    :class:`~admmprune.core.sparsity.NofM`; everything else is not pruned:
+    biases and normalization parameters, and the output layer, whose kernel
+    only reads pruned channels.
+
+    Args:
+      specs: channel specs, from :func:`chain_specs` or discovery.
+      spec: the spec of every pruned kernel.
+
+    Returns:
+      A spec tree shaped like ``specs``.
+    """
+
+    def pick(path, s):
+        members = s.specs if isinstance(s, Coupled) else (s,)
+        produces = any(isinstance(m, Filter) for m in members)
+        return spec if produces and path_str(path).rpartition("/")[2] == "kernel" else None
+
+    return jax.tree_util.tree_map_with_path(pick, specs, is_leaf=is_spec)
+
+
 def group_widths(params: Params, specs: Specs, masks: Masks | None = None) -> dict[str, tuple[int, int]]:
     """``{group: (kept, total)}`` channel counts of every coupled group.
 
@@ -83,4 +109,4 @@ def group_widths(params: Params, specs: Specs, masks: Masks | None = None) -> di
     return channel_groups(specs, params).widths(masks)
 
 
-__all__ = ["chain_specs", "group_widths"]
+__all__ = ["chain_specs", "group_widths", "kernel_specs"]

@@ -16,6 +16,7 @@ from admmprune.structure import budget as budget_lib
 
 RHO_SCHEDULES = ("constant", "geometric", "balancing")
 BUDGETS = ("channels", "macs")
+PENALTIES = ("all", "pruned")
 
 
 @register("admm")
@@ -32,6 +33,8 @@ class Admm(Method):
       rho_factor: the geometric schedule's factor.
       max_rho: the largest rho of the growing schedules.
       interval: SGD steps between projections and dual updates.
+      penalty: ``"all"`` or ``"pruned"``: which weights the penalty pulls
+        (:func:`admmprune.core.admm.admm`).
       round_to: keep a multiple of this many channels per group.
       budget: what a stage's ratio removes: ``"channels"``, that fraction of
         every group's channels, or ``"macs"``, that fraction of the model's
@@ -39,17 +42,22 @@ class Admm(Method):
         (:mod:`admmprune.structure.budget`; ``round_to`` does not apply).
     """
 
+    weight_sparsity = True  # prune.sparsity: ADMM and its hard prune project onto any spec tree
+
     rho: float
     rho_schedule: str
     rho_factor: float
     max_rho: float
     interval: int
+    penalty: str = "all"
     round_to: int = 1
     budget: str = "channels"
 
     def __post_init__(self):
         if self.rho_schedule not in RHO_SCHEDULES:
             raise UserError(f"admm.rho_schedule must be one of {RHO_SCHEDULES}, got {self.rho_schedule!r}")
+        if self.penalty not in PENALTIES:
+            raise UserError(f"admm.penalty must be one of {PENALTIES}, got {self.penalty!r}")
         if self.budget not in BUDGETS:
             raise UserError(f"prune.budget must be one of {BUDGETS}, got {self.budget!r}")
 
@@ -62,6 +70,7 @@ class Admm(Method):
             rho_factor=a["rho_factor"],
             max_rho=a["max_rho"],
             interval=a["interval"],
+            penalty=a.get("penalty", "all"),
             round_to=values["prune"]["round_to"],
             budget=values["prune"].get("budget", "channels"),
         )
@@ -98,6 +107,7 @@ class Admm(Method):
                 specs,
                 rho=self.rho,
                 interval=self.interval,
+                penalty=self.penalty,
                 rho_schedule=self.schedule(),
                 round_to=self.round_to,
                 projection=projection,

@@ -108,6 +108,10 @@ class Method:
     name: ClassVar[str]
     #: Whether the method trains a regularized ``sparsify`` phase before the retrain.
     sparsifying: ClassVar[bool] = False
+    #: Whether the method also prunes to the sets of ``prune.sparsity`` other
+    #: than channels (unstructured, N:M, columns, blocks), by the Euclidean
+    #: projection onto the set: the specs it is given are then per kernel.
+    weight_sparsity: ClassVar[bool] = False
 
     @classmethod
     def from_values(cls, values: Values) -> Method:
@@ -125,6 +129,15 @@ class Method:
 
     def check(self, target: Target) -> None:
         """Raises ``UserError`` if the method cannot prune ``target`` (before any training)."""
+
+    def check_sparsity(self, kind: str) -> None:
+        """Raises ``UserError`` if the method cannot prune to ``kind`` (``prune.sparsity``)."""
+        if kind != "channel" and not self.weight_sparsity:
+            able = [name for name, cls in _REGISTRY.items() if cls.weight_sparsity]
+            raise UserError(
+                f"method {self.name} prunes channels only, not --sparsity {kind}; "
+                f"use --method {' or '.join(able)}, or --sparsity channel"
+            )
 
     def transform(
         self,

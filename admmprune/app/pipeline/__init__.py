@@ -7,7 +7,8 @@ notebook calls. It is the only reader of the config. It writes to ``workdir``:
 - ``plan.txt``: every parameter and its sparsity spec;
 - ``checkpoints/``: orbax checkpoints with the data iterator's position;
 - ``metrics.jsonl``: per-step training metrics (loss, accuracy, ADMM residual, rho);
-- ``model/``: the collapsed model (``admmprune.load`` rebuilds it);
+- ``model/``: the collapsed model (``admmprune.load`` rebuilds it); with a
+  ``prune.sparsity`` other than channel, the masked model of the dense shapes;
 - ``report.json``: the results, written last, atomically.
 
 A rerun of the same command resumes from the latest checkpoint (after a crash
@@ -43,7 +44,7 @@ from ml_collections import ConfigDict
 from admmprune._errors import ENVIRONMENT_ERRNOS, Preempted, UserError
 from admmprune.app.methods import METHODS, Phase
 from admmprune.app.pipeline import _phases, _timing
-from admmprune.app.pipeline._config import SCHEDULES, Settings, check_config, plan_phases, settings
+from admmprune.app.pipeline._config import SCHEDULES, SPARSITIES, Settings, check_config, plan_phases, settings
 from admmprune.app.pipeline._preempt import StopOnSigterm
 from admmprune.app.pipeline._run import Run, prepare
 from admmprune.app.pipeline._steps import CPU_COMPILER_OPTIONS, learning_rate, make_eval, make_train_step, make_tx
@@ -57,11 +58,11 @@ from admmprune.app.pipeline._workdir import (
 )
 from admmprune.core import admm as admm_lib
 from admmprune.core import masking
-from admmprune.core.sparsity import format_plan, is_spec
+from admmprune.core.sparsity import Block, NofM, format_plan, is_spec
 from admmprune.runtime import distributed
 from admmprune.runtime.checkpoint import Checkpointer
 from admmprune.structure import collapse as collapse_lib
-from admmprune.structure import graph
+from admmprune.structure import graph, measure
 
 STOP_AFTER = (None, "dense")
 
@@ -81,18 +82,34 @@ class _Progress:
 
 
 def _new_report(s: Settings) -> dict[str, Any]:
-    return {
-        "model": s.model,
-        "dataset": s.data.name,
-        "method": s.method_name,
-        "ratio": s.ratio,
-        "stage_ratios": list(s.stages),
-        "dense": None,
-        "pruned": None,
-        "layers": None,
-        "stages": [],
-        "retrain": None,
-    }
+    report: dict[str, Any] = {"model": s.model, "dataset": s.data.name, "method": s.method_name}
+    if s.kernel_spec is not None:  # a channel run's report is as it was before prune.sparsity
+        report["sparsity"] = _sparsity_entry(s)
+    report.update(
+        ratio=s.ratio, stage_ratios=list(s.stages), dense=None, pruned=None, layers=None, stages=[], retrain=None
+    )
+    return report
+
+
+def _sparsity_entry(s: Settings) -> dict[str, Any]:
+    """What the report says of a non-channel ``prune.sparsity``: its kind and set."""
+    spec = s.kernel_spec
+    entry: dict[str, Any] = {"kind": s.sparsity}
+    if isinstance(spec, NofM):
+        entry.update(n=spec.n, m=spec.m)
+    else:
+        if isinstance(spec, Block):
+            entry["block"] = list(spec.shape)
+        entry["scope"] = "global" if spec.group is not None else "layer"
+    return entry
+
+
+def _sparsity_text(entry: dict[str, Any]) -> str:
+    """``2:4``, ``unstructured (layer)``, ``block 4x4 (global)``: a report's sparsity in a log line."""
+    if "n" in entry:
+        return f"{entry['n']}:{entry['m']}"
+    block = f" {'x'.join(map(str, entry['block']))}" if "block" in entry else ""
+    return f"{entry['kind']}{block} ({entry['scope']})"
 
 
 def _all_true(specs, params):
@@ -265,11 +282,17 @@ def _describe(r: Run, phases: list[Phase]) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(r.workdir, "plan.txt"), "w") as f:
             f.write(format_plan(r.params, r.specs) + "\n")
-    groups = graph.group_widths(r.params, r.specs)
+    if s.kernel_spec is None:
+        sparsity = ""
+        pruned = "pruned groups " + ", ".join(
+            f"{g} ({t})" for g, (_, t) in graph.group_widths(r.params, r.specs).items()
+        )
+    else:
+        sparsity = f"sparsity {_sparsity_text(_sparsity_entry(s))}, "
+        pruned = "pruned kernels " + ", ".join(f"{k} ({v['total']})" for k, v in r.layers(r.params, None).items())
     r.log(
-        f"{s.model} on {s.data.name}, method {s.method_name}, ratio {s.ratio:g}, "
-        f"stages {' -> '.join(f'{x:g}' for x in s.stages)}; pruned groups "
-        + ", ".join(f"{g} ({t})" for g, (_, t) in groups.items())
+        f"{s.model} on {s.data.name}, method {s.method_name}, {sparsity}ratio {s.ratio:g}, "
+        f"stages {' -> '.join(f'{x:g}' for x in s.stages)}; {pruned}"
     )
 
 
@@ -381,6 +404,55 @@ def _conclude(r: Run, report: dict[str, Any], elapsed) -> dict[str, Any]:
     # The masks live in keep_masked's state (the jitted step donated earlier buffers).
     r.masks = admm_lib.find_state(r.opt_state, masking.MaskedState).masks
     trained = nnx.merge(r.graphdef, r.params, r.rest, copy=True)
+    if s.kernel_spec is not None:
+        summary = _masked_report(r, report, trained)
+    else:
+        summary = _collapsed_report(r, report, trained)
+    report["seconds"] = elapsed()
+    report["machine"] = {
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
+    }
+    report["date"] = datetime.date.today().isoformat()
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(workdir, "report.json"), report)
+    r.log(
+        f"done: accuracy {100 * pruned_eval:.2f}% (dense {100 * report['dense']['accuracy']:.2f}%), {summary}, "
+        f"{report['seconds']:.0f}s -> {os.path.join(workdir, 'report.json')}"
+    )
+    r.log(f"time: {_timing.summary(report.get('time', {}))}")
+    return report
+
+
+def _masked_report(r: Run, report: dict[str, Any], trained: nnx.Module) -> str:
+    """Saves the masked model (no collapse: its sets do not remove channels)
+    and counts its non-zero weights into the report; returns the log's summary."""
+    layers = r.layers(r.params, r.masks)
+    kernels = {k: sum(v[k] for v in layers.values()) for k in ("nonzero", "total")}
+    everything = {"nonzero": measure.count_nonzero(r.params), "total": measure.count_params(r.params)}
+    for counts in (kernels, everything):
+        counts["compression"] = counts["total"] / max(counts["nonzero"], 1)
+    report["pruned"] = {
+        "accuracy": report["retrain"]["accuracy"],
+        "params": everything["total"],
+        "nonzero": everything["nonzero"],
+    }
+    report["nonzero"] = {"kernels": kernels, "all": everything}
+    report["dense"]["params"] = everything["total"]
+    report["layers"] = layers
+    save_model_once(os.path.join(r.workdir, "model"), trained)
+    return (
+        f"{_sparsity_text(report['sparsity'])}: {kernels['nonzero']:,} of {kernels['total']:,} weights "
+        f"of the pruned kernels non-zero ({kernels['compression']:.1f}x fewer), {everything['nonzero']:,} "
+        f"of {everything['total']:,} parameters ({everything['compression']:.1f}x fewer); masked model, not collapsed"
+    )
+
+
+def _collapsed_report(r: Run, report: dict[str, Any], trained: nnx.Module) -> str:
+    """Collapses the masked model, measures both, saves the collapsed one; returns the log's summary."""
+    s, workdir = r.settings, r.workdir
+    pruned_eval = report["retrain"]["accuracy"]
     slim = collapse_lib.collapse(trained, r.masks, r.specs, state_specs=r.state_specs)
     dense_m = r.measure(trained)  # the dense architecture: latency and FLOPs depend on shapes only
     slim_m = r.measure(slim)
@@ -400,29 +472,17 @@ def _conclude(r: Run, report: dict[str, Any], elapsed) -> dict[str, Any]:
     report["flops_removed"] = 1 - slim_m["flops"] / dense_m["flops"]
     report["speedup"] = dense_m["latency_ms"] / slim_m["latency_ms"]
     save_model_once(os.path.join(workdir, "model"), slim)
-    report["seconds"] = elapsed()
-    report["machine"] = {
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-        "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
-    }
-    report["date"] = datetime.date.today().isoformat()
-    if jax.process_index() == 0:
-        write_json_atomic(os.path.join(workdir, "report.json"), report)
-    r.log(
-        f"done: accuracy {100 * pruned_eval:.2f}% (dense {100 * report['dense']['accuracy']:.2f}%), "
+    return (
         f"params -{100 * report['params_removed']:.1f}%, FLOPs -{100 * report['flops_removed']:.1f}%, "
-        f"collapsed {report['speedup']:.1f}x faster (batch {s.measure_batch_size}), "
-        f"{report['seconds']:.0f}s -> {os.path.join(workdir, 'report.json')}"
+        f"collapsed {report['speedup']:.1f}x faster (batch {s.measure_batch_size})"
     )
-    r.log(f"time: {_timing.summary(report.get('time', {}))}")
-    return report
 
 
 __all__ = [
     "CPU_COMPILER_OPTIONS",
     "METHODS",
     "SCHEDULES",
+    "SPARSITIES",
     "STOP_AFTER",
     "MetricsLog",
     "Phase",

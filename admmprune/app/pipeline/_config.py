@@ -19,10 +19,16 @@ from admmprune._errors import UserError
 from admmprune.app import methods as methods_lib
 from admmprune.app.methods import Method, Optimizer, Phase
 from admmprune.core import schedules
+from admmprune.core.sparsity import Block, Column, NofM, Spec, Unstructured
 from admmprune.models import names as model_names
 from admmprune.runtime.data import AUGMENTATIONS
 
 SCHEDULES = ("constant", "cosine")
+#: The choices of ``prune.sparsity``: channel groups, or a set on every pruned kernel.
+SPARSITIES = ("channel", "unstructured", "nm", "column", "block")
+# The prune fields a channel run does not read: left out of what a channel
+# run's workdir records, so that runs recorded before they existed still match.
+_SPARSITY_KEYS = ("sparsity", "n", "m", "block")
 # Config fields that do not change results: a rerun may differ in them (a run
 # may resume on another number of devices, or with another sharding).
 RUNTIME_KEYS = ("progress", "distributed")
@@ -76,6 +82,10 @@ class Settings:
     retrain: Training
     ratio: float
     stages: tuple[float, ...]
+    #: ``prune.sparsity``: ``"channel"`` or the kind of ``kernel_spec``.
+    sparsity: str
+    #: The spec of every pruned kernel (:func:`kernel_spec`); None: channel groups.
+    kernel_spec: Spec | None
     method: Method
     method_name: str
     measure_batch_size: int
@@ -165,10 +175,62 @@ def check_config(config: ConfigDict) -> tuple[float, ...]:
     _positive_float(config.admm.rho, "admm.rho")
     _positive_float(config.admm.rho_factor, "admm.rho_factor")
     _positive_float(config.admm.max_rho, "admm.max_rho")
+    spec = kernel_spec(config)
+    if isinstance(spec, NofM):  # a fixed set: one stage, removing 1 - n/m
+        return (1.0 - spec.n / spec.m,)
     try:
         return schedules.stage_ratios(float(ratio), config.prune.stages)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def kernel_spec(config: ConfigDict) -> Spec | None:
+    """The spec of every pruned kernel under ``prune.sparsity``; None for channel groups.
+
+    With ``prune.scope="global"`` the kernels' specs share a group name: their
+    weights (columns, blocks) are ranked together.
+
+    Raises:
+      UserError: an unknown kind, a method that cannot prune to it, or
+        settings that belong to channel pruning (``prune.budget=macs``,
+        ``prune.round_to``) or do not fit the kind.
+    """
+    p = config.prune
+    kind = p.sparsity
+    if kind not in SPARSITIES:
+        raise UserError(f"prune.sparsity must be one of {', '.join(SPARSITIES)}, got {kind!r}")
+    if kind == "channel":
+        return None
+    methods_lib.build(p.method, _method_values(config)).check_sparsity(kind)
+    if p.budget != "channels":
+        raise UserError(
+            f"prune.budget={p.budget} is a budget of channels; --sparsity {kind} needs prune.budget=channels"
+        )
+    if p.round_to != 1:
+        raise UserError(f"prune.round_to rounds kept channels; --sparsity {kind} needs prune.round_to=1")
+    group = "kernels" if p.scope == "global" else None
+    if kind == "unstructured":
+        return Unstructured(group=group)
+    if kind == "column":
+        return Column(group=group)
+    if kind == "block":
+        shape = p.block
+        if (
+            not isinstance(shape, (tuple, list))
+            or not 1 <= len(shape) <= 2
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in shape)
+        ):
+            raise UserError(
+                "prune.block must be one or two positive integers (the tile on a kernel's input and output "
+                f"axes), got {shape!r}"
+            )
+        return Block(tuple(shape), group=group)
+    n, m = _positive_int(p.n, "prune.n"), _positive_int(p.m, "prune.m")
+    if n >= m:
+        raise UserError(f"prune.n must be below prune.m (at most n non-zeros in every m weights), got {n}:{m}")
+    if p.stages is not None:
+        raise UserError("prune.stages does not apply to --sparsity nm: its set is fixed (one stage); leave it unset")
+    return NofM(n, m)
 
 
 def comparable(config: ConfigDict) -> dict[str, Any]:
@@ -176,6 +238,14 @@ def comparable(config: ConfigDict) -> dict[str, Any]:
     d = json.loads(config.to_json_best_effort(sort_keys=True))
     for key in RUNTIME_KEYS:
         d.pop(key, None)
+    # Fields added later, at the value that keeps a run as it was before them,
+    # stay out: a workdir of an earlier version still resumes.
+    prune = d.get("prune", {})
+    if prune.get("sparsity") == "channel":
+        for key in _SPARSITY_KEYS:
+            prune.pop(key, None)
+    if d.get("admm", {}).get("penalty") == "all":
+        del d["admm"]["penalty"]
     return d
 
 
@@ -188,6 +258,7 @@ def settings(config: ConfigDict) -> Settings:
     stages = check_config(config)
     c = config
     d = c.data
+    spec = kernel_spec(c)
     return Settings(
         seed=c.seed,
         model=c.model.name,
@@ -211,8 +282,10 @@ def settings(config: ConfigDict) -> Settings:
         dense=Training(float(c.dense.learning_rate), c.dense.schedule, float(c.dense.warmup)),
         stage=Training(float(c.admm.learning_rate), c.admm.schedule),
         retrain=Training(float(c.retrain.learning_rate), c.retrain.schedule),
-        ratio=float(c.prune.ratio),
+        ratio=stages[-1] if isinstance(spec, NofM) else float(c.prune.ratio),
         stages=stages,
+        sparsity=c.prune.sparsity,
+        kernel_spec=spec,
         method=methods_lib.build(c.prune.method, _method_values(c)),
         method_name=c.prune.method,
         measure_batch_size=c.measure.batch_size,

@@ -62,8 +62,9 @@ def prune(run: Run, phase: Phase, prev: Phase | None):
     support = alive = None
     if prev is not None and prev.kind == "admm":
         support = admm_lib.find_state(run.opt_state).support
-    if prev is not None and prev.kind == "finetune":  # removed channels stay removed
-        alive = collapse_lib.alive_channels(run.specs, admm_lib.find_state(run.opt_state, masking.MaskedState).masks)
+    if prev is not None and prev.kind == "finetune":  # removed channels (weights) stay removed
+        support = admm_lib.find_state(run.opt_state, masking.MaskedState).masks
+        alive = collapse_lib.alive_channels(run.specs, support)
     inputs = PruneInputs(run.params, run.gates, 1.0 - phase.ratio, support=support, alive=alive)
     return run.settings.method.prune(inputs, run.target)
 
@@ -93,7 +94,7 @@ def finish(run: Run, phase: Phase, report: dict[str, Any], t: float) -> None:
                 "dual_residual": res["dual_residual"],
                 "rho": max(rho),
                 "seconds": t,
-                "layers": run.kept(masks),
+                "layers": run.layers(pruned, masks),
             }
         )
         run.log(
@@ -118,7 +119,9 @@ def finish(run: Run, phase: Phase, report: dict[str, Any], t: float) -> None:
     elif phase.kind == "finetune":
         acc = run.evaluate()
         masks = admm_lib.find_state(run.opt_state, masking.MaskedState).masks
-        report["stages"].append({"ratio": phase.ratio, "accuracy": acc, "seconds": t, "layers": run.kept(masks)})
+        report["stages"].append(
+            {"ratio": phase.ratio, "accuracy": acc, "seconds": t, "layers": run.layers(run.params, masks)}
+        )
         run.log(f"finetune {phase.ratio:<4g} {phase.epochs} epochs  accuracy {100 * acc:.2f}%  [{t:.0f}s]")
     else:
         acc = run.evaluate()

@@ -16,10 +16,12 @@ from flax import nnx
 
 from admmprune import models
 from admmprune._errors import UserError
+from admmprune._types import path_str
 from admmprune.app.methods import Phase, Target
 from admmprune.app.pipeline._config import Settings
 from admmprune.app.pipeline._steps import compiler_options, make_eval
 from admmprune.app.pipeline._timing import Clock
+from admmprune.core.sparsity import is_spec
 from admmprune.runtime import data as data_lib
 from admmprune.runtime import distributed
 from admmprune.structure import collapse as collapse_lib
@@ -135,6 +137,19 @@ class Run:
         """Channels kept and in total per group, as the report's ``layers``."""
         return {g: {"kept": k, "total": t} for g, (k, t) in graph.group_widths(self.params, self.specs, masks).items()}
 
+    def layers(self, params, masks) -> dict[str, dict[str, int]]:
+        """The report's ``layers`` of pruned ``params`` with ``masks``: channels kept
+        per group (:meth:`kept`), or with a ``prune.sparsity`` other than channel,
+        the non-zero weights and all weights of every pruned kernel."""
+        if self.settings.kernel_spec is None:
+            return self.kept(masks)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(self.specs, is_leaf=is_spec)
+        return {
+            path_str(path): {"nonzero": measure.count_nonzero(x), "total": int(np.size(x))}
+            for (path, spec), x in zip(flat, treedef.flatten_up_to(params), strict=True)
+            if spec is not None
+        }
+
 
 def _input_kwargs(name: str, info) -> dict[str, Any]:
     """Constructor arguments that fit a model to the dataset's images and classes."""
@@ -184,6 +199,8 @@ def prepare(s: Settings, workdir: str, log: Callable[[str], None]) -> Run:
         specs, state_specs = found.specs, found.state_specs
         for name, reasons in found.unprunable.items():
             log(f"not pruned: {name} ({'; '.join(reasons)})")
+    if s.kernel_spec is not None:  # another set than channels, on the kernels channel pruning prunes
+        specs, state_specs = graph.kernel_specs(specs, s.kernel_spec), None
     dist = distributed.DataParallel(param_sharding=s.param_sharding)
     # data.batch_size is the global batch; this process reads its share of it.
     local_batch_size = dist.local_batch_size(d.batch_size)
