@@ -368,8 +368,9 @@ def suite(res: dict) -> str:
     for summary in r["summaries"]:
         first = next(row for row in r["rows"] if row["case"] == summary["case"])
         dense_mean, dense_sd = summary["dense_accuracy"]
+        kind = "" if first.get("compression") is None else f", {summary['case'].rsplit('-', 1)[1]} sparsity"
         head = (
-            f"**{MODEL_NAMES[first['model']]} / {MODEL_NAMES[first['dataset']]} at ratio {summary['ratio']:g}, "
+            f"**{MODEL_NAMES[first['model']]} / {MODEL_NAMES[first['dataset']]}{kind} at ratio {summary['ratio']:g}, "
             f"{summary['budget']} budget** ({summary['epochs_after_dense']} epochs after the dense phase; "
             f"seeds {', '.join(map(str, summary['seeds']))}; dense {_pm(dense_mean, dense_sd)}; "
             f"wall time {summary['wall_s'] / 60:.0f} min, dense phases {summary['dense_wall_s'] / 60:.0f} min more)"
@@ -383,8 +384,11 @@ def suite(res: dict) -> str:
                 vs = "(one seed)"
             else:
                 vs = f"{100 * diff['mean']:+.2f} [{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}]"
-            rows.append([m["method"], _pm(m["mean"], m["sd"]), str(m["n"]), _pct(m["flops_removed"]), vs])
-        table = _table(["method", "accuracy (mean ± sd)", "seeds", "FLOPs removed", "ADMM − method [95% CI]"], rows)
+            size = _pct(m["flops_removed"]) if m.get("compression") is None else f"{m['compression']:.1f}x"
+            rows.append([m["method"], _pm(m["mean"], m["sd"]), str(m["n"]), size, vs])
+        masked = summary["methods"][0].get("compression") is not None
+        size_head = "fewer non-zero weights (pruned kernels)" if masked else "FLOPs removed"
+        table = _table(["method", "accuracy (mean ± sd)", "seeds", size_head, "ADMM − method [95% CI]"], rows)
         parts.append(head + "\n\n" + table)
     note = (
         "ADMM − method: the mean over seeds of ADMM's accuracy minus the method's, in points, with its 95% "

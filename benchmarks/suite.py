@@ -69,6 +69,15 @@ CASES = {
     "lenet5-mnist-0.9": {"dense": "lenet5-mnist", "ratio": 0.9},
     "lenet5-mnist-0.7": {"dense": "lenet5-mnist", "ratio": 0.7},
     "resnet20-fashion-0.5": {"dense": "resnet20-fashion", "ratio": 0.5},
+    # Other sparsity kinds (ADMM and magnitude only): masked models, non-zero weights counted.
+    # 0.986 of the three kernels' weights, ranked together: 71x fewer non-zeros (Zhang et al. 2018's LeNet-5 figure).
+    "lenet5-mnist-unstructured": {
+        "dense": "lenet5-mnist",
+        "ratio": 0.986,
+        "overrides": ["prune.sparsity=unstructured", "prune.scope=global"],
+        "budgets": ("default",),  # its 4 stages do not fit the peer's 4 epochs
+    },
+    "lenet5-mnist-2:4": {"dense": "lenet5-mnist", "ratio": 0.5, "overrides": ["prune.sparsity=nm"]},
 }
 BUDGETS = ("peer", "default")
 #: Variants of a method, compared like methods: name -> (method, overrides).
@@ -132,6 +141,7 @@ def run_config(root: str, case: str, budget: str, method: str, seed: int):
         f"prune.method={base}",
         f"dense.init={dense_dir(root, spec['dense'], seed)}",
         *budget_overrides(budget, spec["ratio"]),
+        *spec.get("overrides", []),
         *extra,
     ]
     return config_of(spec["dense"], seed, overrides)
@@ -192,7 +202,8 @@ def dense_seconds(root: str, dense: str, seed: int) -> float:
 
 def epochs_after_dense(case: str, budget: str) -> int:
     spec = CASES[case]
-    config = config_of(spec["dense"], 0, [f"prune.ratio={spec['ratio']}", *budget_overrides(budget, spec["ratio"])])
+    overrides = [f"prune.ratio={spec['ratio']}", *budget_overrides(budget, spec["ratio"]), *spec.get("overrides", [])]
+    config = config_of(spec["dense"], 0, overrides)
     return sum(p.epochs for p in pipeline.plan_phases(config)[1:])
 
 
@@ -227,6 +238,25 @@ def kept_rows(root: str, path: str) -> list[dict]:
     return out
 
 
+def _outcome(report: dict) -> dict:
+    """A report's accuracy and size: a collapsed model's, or a masked one's non-zero weights."""
+    if "nonzero" in report:  # prune.sparsity other than channel: nothing collapsed
+        every = report["nonzero"]["all"]
+        return {
+            "accuracy": report["pruned"]["accuracy"],
+            "params_removed": 1 - every["nonzero"] / every["total"],
+            "flops_removed": None,
+            "compression": report["nonzero"]["kernels"]["compression"],
+            "layers": {k: v["nonzero"] for k, v in report["layers"].items()},
+        }
+    return {
+        "accuracy": report["collapsed"]["accuracy"],
+        "params_removed": report["params_removed"],
+        "flops_removed": report["flops_removed"],
+        "layers": {k: v["kept"] for k, v in report["layers"].items()},
+    }
+
+
 def collect(root: str, previous: list[dict] = ()) -> dict:
     """Every finished run under ``root`` or in ``previous`` (rows of an earlier
     JSON, see :func:`kept_rows`; a run under ``root`` wins), and each case's statistics."""
@@ -250,10 +280,7 @@ def collect(root: str, previous: list[dict] = ()) -> dict:
                             "model": r["model"],
                             "dataset": r["dataset"],
                             "dense_accuracy": r["dense"]["accuracy"],
-                            "accuracy": r["collapsed"]["accuracy"],
-                            "params_removed": r["params_removed"],
-                            "flops_removed": r["flops_removed"],
-                            "layers": {k: v["kept"] for k, v in r["layers"].items()},
+                            **_outcome(r),
                             "seconds": r["seconds"],
                             "dense_seconds": dense_seconds(root, spec["dense"], seed),
                             "fingerprint": fingerprint(root, case, budget, method, seed),
@@ -281,7 +308,12 @@ def collect(root: str, previous: list[dict] = ()) -> dict:
                         "n": len(by_seed),
                         "mean": mean,
                         "sd": sd,
-                        "flops_removed": statistics.fmean(r["flops_removed"] for r in runs),
+                        "flops_removed": None
+                        if runs[0]["flops_removed"] is None
+                        else statistics.fmean(r["flops_removed"] for r in runs),
+                        "compression": statistics.fmean(r["compression"] for r in runs)
+                        if "compression" in runs[0]
+                        else None,
                         "admm_minus": None if m == "admm" else paired(acc["admm"], by_seed),
                     }
                 )
@@ -331,10 +363,13 @@ def main():
         # Seed-major: every seed's dense model, then its runs, so a sitting ends with whole seeds.
         for seed in args.seeds:
             for case in args.cases:
+                budgets = [b for b in args.budgets if b in CASES[case].get("budgets", BUDGETS)]
+                if not budgets:
+                    continue
                 train_dense(args.root, CASES[case]["dense"], seed)
                 previous = kept_rows(args.root, args.out)  # rows of another dense model drop out
                 done = {key(r) for r in previous}
-                for budget in args.budgets:
+                for budget in budgets:
                     for method in args.methods:
                         if (case, budget, method, seed) in done:
                             continue  # its row in the JSON still holds
