@@ -84,6 +84,12 @@ BUDGETS = ("peer", "default")
 VARIANTS = {
     # ADMM whose penalty pulls only the weights the last projection removed (admm.penalty).
     "admm_pruned_penalty": ("admm", ["admm.penalty=pruned"]),
+    # A larger initial rho: the scaled dual U of a removed weight grows by W
+    # at every dual update while rho is too small to move W, so the next
+    # projection sees it inflated and the support flips (primal residual about 1
+    # for an epoch at rho 1e-3).
+    "admm_rho_0.01": ("admm", ["admm.rho=0.01"]),
+    "admm_pruned_penalty_rho_0.01": ("admm", ["admm.penalty=pruned", "admm.rho=0.01"]),
 }
 #: Everything a case can run, in the order of the tables.
 ENTRIES = (*methods.METHODS, *VARIANTS)
