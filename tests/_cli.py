@@ -63,16 +63,13 @@ def snapshot(directory):
     return out
 
 
-def eval_slice_accuracy(model, data_dir):
-    """A model's accuracy on the smoke config's eval slice (the first 512 MNIST test images), in eval mode."""
-    import numpy as np
-
+def eval_slice(data_dir):
+    """The smoke config's eval slice (the first 512 MNIST test images), normalized as the pipeline does."""
     from admmprune import data
 
     info = data.dataset_info("mnist", data_dir)
-    source = data.load_source("mnist", "test[:512]", data_dir)
     loader = data.make_loader(
-        source,
+        data.load_source("mnist", "test[:512]", data_dir),
         batch_size=512,
         seed=0,
         shuffle=False,
@@ -81,6 +78,13 @@ def eval_slice_accuracy(model, data_dir):
         shard_index=0,
         shard_count=1,
     )
-    batch = next(iter(loader))
+    return next(iter(loader))
+
+
+def eval_slice_accuracy(model, data_dir):
+    """A model's accuracy on :func:`eval_slice`, in eval mode."""
+    import numpy as np
+
+    batch = eval_slice(data_dir)
     model.eval()
     return float(np.mean(np.asarray(model(batch["image"]).argmax(-1)) == batch["label"]))

@@ -8,11 +8,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from _cli import SMOKE, cli, eval_slice_accuracy, kill_after_checkpoint, snapshot, strip_timing
+from _cli import SMOKE, cli, eval_slice, eval_slice_accuracy, kill_after_checkpoint, snapshot, strip_timing
 
 import admmprune
 from admmprune import pipeline, train
 from admmprune._errors import UserError
+from admmprune.app.pipeline._steps import distillation_loss
 from admmprune.checkpoint import Checkpointer
 from admmprune.configs import default as default_config
 
@@ -329,3 +330,50 @@ def test_a_saved_dense_model_of_another_architecture_is_refused(smoke_run, capsy
     assert "Traceback" not in err and not workdir.exists()
     code, err = run_main(["--workdir", str(workdir), f"--config.dense.init={tmp_path / 'none'}"], capsys)
     assert code == 2 and "no saved model in" in err and not workdir.exists()
+
+
+def _kl_on_eval_slice(teacher, student, data_dir, temperature):
+    """Mean KL(teacher || student) of the softened predictions on the smoke eval slice."""
+    images = eval_slice(data_dir)["image"]
+    teacher.eval()
+    student.eval()
+    return float(distillation_loss(student(images), teacher(images), temperature)) / temperature**2
+
+
+def test_distillation_pulls_the_pruned_model_towards_the_dense_one(smoke_run, tmp_path, data_dir):
+    """retrain.distill=1 trains the masked phases on the dense model's softened outputs alone:
+    the pruned model ends closer to the dense one (in KL) than the same run without it."""
+    workdir = str(tmp_path / "distilled")
+    result = cli(
+        "--workdir",
+        workdir,
+        f"--config.dense.init={smoke_run[0]}",
+        "--config.retrain.distill=1.0",
+        "--config.retrain.temperature=2.0",
+        data_dir=data_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    dense = admmprune.load(os.path.join(smoke_run[0], "dense"))
+    plain = _kl_on_eval_slice(dense, admmprune.load(os.path.join(smoke_run[0], "model")), data_dir, 2.0)
+    distilled = _kl_on_eval_slice(dense, admmprune.load(os.path.join(workdir, "model")), data_dir, 2.0)
+    assert distilled < plain, (distilled, plain)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["retrain"]["distill"] == 1.0
+
+
+@pytest.mark.parametrize("field, value", [("distill", "1.5"), ("distill", "-0.1"), ("temperature", "0.0")])
+def test_bad_distillation_settings_are_refused(field, value, capsys, tmp_path):
+    workdir = tmp_path / "w"
+    code, err = run_main(["--workdir", str(workdir), f"--config.retrain.{field}={value}"], capsys)
+    assert code == 2 and f"retrain.{field}" in err and "Traceback" not in err and not workdir.exists()
+
+
+def test_distillation_loss_is_the_tempered_kl():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(8, 10)).astype(np.float32), rng.normal(size=(8, 10)).astype(np.float32)
+    for temperature in (1.0, 4.0):
+        p = np.exp(t / temperature) / np.exp(t / temperature).sum(-1, keepdims=True)
+        q = np.exp(s / temperature) / np.exp(s / temperature).sum(-1, keepdims=True)
+        expected = temperature**2 * np.mean(np.sum(p * np.log(p / q), -1))
+        assert float(distillation_loss(s, t, temperature)) == pytest.approx(expected, rel=1e-5)
+    assert float(distillation_loss(t + 3.0, t, 2.0)) == pytest.approx(0.0, abs=1e-6)  # a shift changes nothing

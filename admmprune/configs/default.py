@@ -202,6 +202,14 @@ def get_config() -> ConfigDict:
     c.retrain.learning_rate = 0.01
     # "cosine" (decay to 0 over the phase) or "constant".
     c.retrain.schedule = "cosine"
+    # Distillation from the dense model while the masks are fixed (the retrain
+    # phase, and magnitude's finetune stages: every method's masked training):
+    # the loss is (1 - distill) * cross-entropy + distill * T^2 * KL(teacher
+    # || student) on logits divided by T = retrain.temperature (Hinton et al.,
+    # 2015). The teacher is WORKDIR/dense in eval mode. 0: off.
+    c.retrain.distill = 0.0
+    # The temperature T of the distillation.
+    c.retrain.temperature = 4.0
 
     # Latency of the dense and collapsed models' jitted forward pass (eval
     # mode): median of `repeats` timed calls at this batch size, warm-up excluded.

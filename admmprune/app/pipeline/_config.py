@@ -80,6 +80,8 @@ class Settings:
     dense: Training
     stage: Training  # the admm, sparsify and finetune phases
     retrain: Training
+    #: ``(weight, temperature)`` of distillation from the dense model in the masked phases; weight 0: off.
+    distill: tuple[float, float]
     ratio: float
     stages: tuple[float, ...]
     #: ``prune.sparsity``: ``"channel"`` or the kind of ``kernel_spec``.
@@ -159,6 +161,10 @@ def check_config(config: ConfigDict) -> tuple[float, ...]:
     warmup = config.dense.warmup
     if isinstance(warmup, bool) or not isinstance(warmup, int | float) or not 0 <= warmup < 1:
         raise UserError(f"dense.warmup must be a fraction of the phase in [0, 1), got {warmup!r}")
+    distill = config.retrain.distill
+    if isinstance(distill, bool) or not isinstance(distill, int | float) or not 0 <= distill <= 1:
+        raise UserError(f"retrain.distill must be a weight in [0, 1], got {distill!r}")
+    _positive_float(config.retrain.temperature, "retrain.temperature")
     _positive_int(config.admm.epochs_per_stage, "admm.epochs_per_stage")
     _positive_int(config.retrain.epochs, "retrain.epochs", allow_zero=True)
     _positive_int(config.admm.interval, "admm.interval")
@@ -246,6 +252,8 @@ def comparable(config: ConfigDict) -> dict[str, Any]:
             prune.pop(key, None)
     if d.get("admm", {}).get("penalty") == "all":
         del d["admm"]["penalty"]
+    if d.get("retrain", {}).get("distill") == 0:
+        del d["retrain"]["distill"], d["retrain"]["temperature"]
     return d
 
 
@@ -282,6 +290,7 @@ def settings(config: ConfigDict) -> Settings:
         dense=Training(float(c.dense.learning_rate), c.dense.schedule, float(c.dense.warmup)),
         stage=Training(float(c.admm.learning_rate), c.admm.schedule),
         retrain=Training(float(c.retrain.learning_rate), c.retrain.schedule),
+        distill=(float(c.retrain.distill), float(c.retrain.temperature)),
         ratio=stages[-1] if isinstance(spec, NofM) else float(c.prune.ratio),
         stages=stages,
         sparsity=c.prune.sparsity,

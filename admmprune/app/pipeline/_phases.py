@@ -161,12 +161,18 @@ def train(
     else:
         run.params = trainable
     state_shardings = run.dist.shardings((trainable, run.rest, run.opt_state))
+    teacher, teacher_state = None, ()
+    weight, temperature = s.distill
+    if weight > 0 and phase.kind in ("finetune", "retrain"):  # every method's masked training
+        graphdef, state = run.teacher()
+        teacher, teacher_state = (graphdef, weight, temperature), (state,)
     step_fn = make_train_step(
         run.graphdef,
         tx,
         admm_metrics=phase.kind == "admm",
         gated=gated,
         shardings=(state_shardings, run.dist.data, run.dist.replicated),
+        teacher=teacher,
     )
     it = iter(run.loader(i, phase.epochs))
     if start_step and data_state is not None:
@@ -215,7 +221,9 @@ def train(
                 batch = run.dist.batch(batch)
             with clock("compute"):
                 if run.gates is None:
-                    run.params, run.rest, run.opt_state, m = step_fn(run.params, run.rest, run.opt_state, batch)
+                    run.params, run.rest, run.opt_state, m = step_fn(
+                        run.params, run.rest, run.opt_state, batch, *teacher_state
+                    )
                 else:
                     (run.params, run.gates), run.rest, run.opt_state, m = step_fn(
                         (run.params, run.gates), run.rest, run.opt_state, batch

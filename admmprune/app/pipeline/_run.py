@@ -133,6 +133,16 @@ class Run:
             ]
         return out
 
+    def teacher(self) -> tuple[Any, Any]:
+        """The dense model saved in the workdir, in eval mode, to distill from: ``(graphdef, (params, rest))``
+        with the state replicated on the run's devices. Read from disk, so a resumed run has it too."""
+        from admmprune.runtime import checkpoint  # orbax: only runs that distill need it here
+
+        model = checkpoint.load_model(os.path.join(self.workdir, "dense"))
+        model.eval()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        return graphdef, jax.device_put((params, rest), self.dist.replicated)
+
     def kept(self, masks) -> dict[str, dict[str, int]]:
         """Channels kept and in total per group, as the report's ``layers``."""
         return {g: {"kept": k, "total": t} for g, (k, t) in graph.group_widths(self.params, self.specs, masks).items()}

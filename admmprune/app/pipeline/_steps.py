@@ -81,6 +81,7 @@ def make_train_step(
     admm_metrics: bool = False,
     gated: tuple[Callable, Callable] | None = None,
     shardings: tuple[Any, Any, Any] | None = None,
+    teacher: tuple[nnx.GraphDef, float, float] | None = None,
 ) -> Callable:
     """The jitted training step ``(trainable, rest, opt_state, batch) -> (..., metrics)``.
 
@@ -93,9 +94,12 @@ def make_train_step(
         the loss.
       shardings: ``(state, batch, replicated)``: the shardings of
         ``(trainable, rest, opt_state)``, of the batch, and of the metrics.
+      teacher: ``(graphdef, weight, temperature)`` of a model to distill from
+        (:func:`distillation_loss`); the step then takes its ``(params, rest)``
+        as a fifth argument, and the loss mixes in the distillation term.
     """
 
-    def loss_fn(trainable, rest, batch):
+    def loss_fn(trainable, rest, batch, teacher_state=None):
         params, extra = trainable, jnp.zeros((), jnp.float32)
         if gated is not None:
             effective, penalty = gated
@@ -106,16 +110,27 @@ def make_train_step(
         logits = model(batch["image"])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         _, _, rest = nnx.split(model, nnx.Param, ...)
-        return loss + extra, (rest, logits, loss, extra)
+        objective = loss
+        if teacher is not None:
+            t_graphdef, weight, temperature = teacher
+            t_logits = jax.lax.stop_gradient(nnx.merge(t_graphdef, *teacher_state)(batch["image"]))
+            objective = (1 - weight) * loss + weight * distillation_loss(logits, t_logits, temperature)
+        return objective + extra, (rest, logits, loss, extra)
 
     sharded = {}
     if shardings is not None:
         state, batch_sharding, replicated = shardings
-        sharded = {"in_shardings": (*state, batch_sharding), "out_shardings": (*state, replicated)}
+        teacher_sharding = () if teacher is None else (replicated,)
+        sharded = {
+            "in_shardings": (*state, batch_sharding, *teacher_sharding),
+            "out_shardings": (*state, replicated),
+        }
 
     @functools.partial(jax.jit, donate_argnums=(0, 1, 2), compiler_options=compiler_options(), **sharded)
-    def step(trainable, rest, opt_state, batch):
-        (_, (rest, logits, loss, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, rest, batch)
+    def step(trainable, rest, opt_state, batch, *teacher_state):
+        (_, (rest, logits, loss, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, rest, batch, *teacher_state
+        )
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
@@ -127,6 +142,14 @@ def make_train_step(
         return trainable, rest, opt_state, metrics
 
     return step
+
+
+def distillation_loss(logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+    """Hinton et al.'s (2015) distillation term, ``T^2 KL(softmax(t / T) || softmax(s / T))``
+    averaged over the batch (``T^2`` keeps its gradient's scale independent of ``T``)."""
+    t = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    s = jax.nn.log_softmax(logits / temperature, axis=-1)
+    return temperature**2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
 
 
 def make_eval(graphdef: nnx.GraphDef) -> Callable:
