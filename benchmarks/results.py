@@ -385,15 +385,28 @@ def suite(res: dict) -> str:
             else:
                 vs = f"{100 * diff['mean']:+.2f} [{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}]"
             size = _pct(m["flops_removed"]) if m.get("compression") is None else f"{m['compression']:.1f}x"
-            rows.append([m["method"], _pm(m["mean"], m["sd"]), str(m["n"]), size, vs])
+            own = m.get("minus_method")
+            own = "" if own is None else f"{100 * own['mean']:+.2f} [{100 * own['low']:+.2f}, {100 * own['high']:+.2f}]"
+            rows.append([m["method"], _pm(m["mean"], m["sd"]), str(m["n"]), size, vs, own])
         masked = summary["methods"][0].get("compression") is not None
         size_head = "fewer non-zero weights (pruned kernels)" if masked else "FLOPs removed"
-        table = _table(["method", "accuracy (mean ± sd)", "seeds", size_head, "ADMM − method [95% CI]"], rows)
+        head_row = [
+            "method",
+            "accuracy (mean ± sd)",
+            "seeds",
+            size_head,
+            "ADMM − method [95% CI]",
+            "variant − its method",
+        ]
+        if not any(row[-1] for row in rows):
+            head_row, rows = head_row[:-1], [row[:-1] for row in rows]
+        table = _table(head_row, rows)
         parts.append(head + "\n\n" + table)
     note = (
         "ADMM − method: the mean over seeds of ADMM's accuracy minus the method's, in points, with its 95% "
         "Student-t confidence interval (same seed = same dense model); an interval that contains 0 is no evidence "
-        "either way."
+        "either way. A variant (a method with other settings: `benchmarks/suite.py` VARIANTS) is also compared "
+        "with the method it varies."
     )
     return "\n\n".join([*parts, note, _provenance(r, "suite")])
 

@@ -90,6 +90,9 @@ VARIANTS = {
     # for an epoch at rho 1e-3).
     "admm_rho_0.01": ("admm", ["admm.rho=0.01"]),
     "admm_pruned_penalty_rho_0.01": ("admm", ["admm.penalty=pruned", "admm.rho=0.01"]),
+    # Distillation from the dense model in the masked training (retrain.distill), for either method.
+    "admm_distill": ("admm", ["retrain.distill=0.5"]),
+    "magnitude_distill": ("magnitude", ["retrain.distill=0.5"]),
 }
 #: Everything a case can run, in the order of the tables.
 ENTRIES = (*methods.METHODS, *VARIANTS)
@@ -321,6 +324,8 @@ def collect(root: str, previous: list[dict] = ()) -> dict:
                         if "compression" in runs[0]
                         else None,
                         "admm_minus": None if m == "admm" else paired(acc["admm"], by_seed),
+                        # A variant against the method it varies, paired the same way.
+                        "minus_method": paired(by_seed, acc[VARIANTS[m][0]]) if m in VARIANTS else None,
                     }
                 )
             seeds = sorted({r["seed"] for r in mine})

@@ -95,7 +95,7 @@ def make_train_step(
       shardings: ``(state, batch, replicated)``: the shardings of
         ``(trainable, rest, opt_state)``, of the batch, and of the metrics.
       teacher: ``(graphdef, weight, temperature)`` of a model to distill from
-        (:func:`distillation_loss`); the step then takes its ``(params, rest)``
+        (``distillation_loss``); the step then takes its ``(params, rest)``
         as a fifth argument, and the loss mixes in the distillation term.
     """
 
