@@ -7,8 +7,10 @@ run in a subprocess, so that a traceback printed by a background thread at
 interpreter shutdown (orbax's) is caught too.
 """
 
+import asyncio
 import gc
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -173,6 +175,30 @@ def test_load_refuses_each_damage_naming_the_directory(damaged):
         # The reads orbax abandoned end now, in this test: none may surface as a
         # second error (pytest fails a test on an unraisable exception).
         gc.collect()
+
+
+def _abandon_failed_task(filename):
+    """Runs a coroutine defined in ``filename`` that fails, and drops its task
+    without retrieving the error, as orbax does with the reads after the first
+    failed one; asyncio logs the task when it is collected."""
+    namespace = {}
+    exec(compile("async def read():\n    raise ValueError('abandoned read')\n", filename, "exec"), namespace)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(namespace["read"]())
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    del task
+    gc.collect()
+
+
+def test_abandoned_orbax_reads_are_not_logged_after_the_one_line(tmp_path, caplog):
+    with pytest.raises(UserError):
+        admmprune.load(str(tmp_path / "missing"))  # installs the filters, as every load does
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    _abandon_failed_task(os.path.join(str(tmp_path), "orbax", "checkpoint", "reads.py"))
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+    _abandon_failed_task(os.path.join(str(tmp_path), "user_code", "reads.py"))  # anyone else's task still logs
+    assert ["never retrieved" in r.getMessage() for r in caplog.records if r.name == "asyncio"] == [True]
 
 
 def test_load_imports_and_calls_nothing_named_in_the_metadata(saved, tmp_path, monkeypatch):

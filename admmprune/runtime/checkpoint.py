@@ -85,6 +85,17 @@ class _DropOrbaxErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+class _DropAbandonedOrbaxTasks(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for orbax's own
+    read tasks: when one array read fails, orbax raises that error (reported in
+    one line) and leaves the reads that fail after it unretrieved, which asyncio
+    logs with their traceback when they are collected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and f"{os.sep}orbax{os.sep}" in message)
+
+
 # What tensorstore's callbacks raise when they finish the writes or reads of
 # an operation orbax gave up on (its first error ends it), into event loops
 # orbax has closed by then, or at interpreter exit.
@@ -97,7 +108,9 @@ def _ignore_stray_callbacks() -> None:
     Python reports them through ``sys.unraisablehook`` or, from a native
     thread's callback, ``sys.excepthook``; this chains hooks that drop only
     them, and orbax's own read coroutines that the same failure left behind
-    (their error is the one already reported), once per process.
+    (their error is the one already reported), once per process. asyncio logs
+    those coroutines' tasks ("Task exception was never retrieved") when they
+    are collected; a filter on its logger drops those records too.
     """
 
     def stray(e) -> bool:
@@ -124,6 +137,9 @@ def _ignore_stray_callbacks() -> None:
 
         except_hook._drops_stray_callbacks = True
         sys.excepthook = except_hook
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropAbandonedOrbaxTasks) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropAbandonedOrbaxTasks())
 
 
 @contextlib.contextmanager
