@@ -440,12 +440,19 @@ class Norms(nnx.Module):
 )
 def test_normalization_parameters_join_the_group(norm, statistics):
     model = Norms(norm())
+    # Statistics over the channels change when channels are removed: by default
+    # those channels are not pruned, and the reason names the sum and its line.
     found = discover_nnx(model, X)
+    if statistics:
+        assert not found.groups and not found.notes and not found.unfollowed
+        reasons = " ".join(found.unprunable["conv1"])
+        assert "`reduce_sum` at" in reasons and "approximate=True" in reasons and ".py:" in reasons
+    # With approximate=True they are pruned, and a note says so; only the
+    # consumer-side check holds exactly.
+    found = discover_nnx(model, X, approximate=True)
     specs = flat(found.specs)
     assert specs["norm/scale"] == Filter(group="conv1") and specs["norm/bias"] == Filter(group="conv1")
     assert specs["conv2/kernel"] == Channel(group="conv1")
-    # Statistics over the channels change when channels are removed: a note says so,
-    # and only the consumer-side check holds exactly.
     assert bool(found.notes) == statistics
     fn, params = eval_fn(model)
     check_dead(fn, randomize(params), found.specs, X, producers=not statistics)

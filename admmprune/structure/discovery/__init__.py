@@ -59,10 +59,11 @@ What each operation does:
   consumer gets one ``Channel`` per branch with ``offset``/``size``;
   ``slice``/``split`` of channels split the space.
 * reductions, pooling, ``transpose``, ``broadcast_in_dim``, ``squeeze``,
-  ``pad``: follow the axes; a reduction over channels other than an exact
-  ``reduce_sum`` makes them unprunable, and an exact ``reduce_sum`` over
-  channels (LayerNorm statistics) is reported in :attr:`Discovery.notes`,
-  because statistics over channels change when the model is collapsed.
+  ``pad``: follow the axes; a reduction over channels makes them
+  unprunable: statistics over channels (LayerNorm, RMSNorm) change when the
+  model is collapsed, because they average over the kept channels only. With
+  ``approximate=True``, a ``reduce_sum`` over channels whose removed entries
+  are zero is allowed and reported in :attr:`Discovery.notes` instead.
 * ``gather`` and ``dynamic_slice`` along other axes (nearest upsampling,
   embedding lookups) keep the channels; along channels (a permutation) they
   make them unprunable.
@@ -143,7 +144,8 @@ class Discovery:
         cannot be followed, rather than because they reach the inputs or
         outputs of ``fn`` (what ``strict`` raises for).
       notes: operations that are followed but after which the pruned model
-        is not exactly its collapsed copy (statistics over channels).
+        is not exactly its collapsed copy (statistics over channels, with
+        ``approximate=True`` only).
     """
 
     specs: Specs
@@ -213,6 +215,7 @@ def discover(
     *args: Any,
     overrides: Mapping[str, Any] | Specs | None = None,
     strict: bool = False,
+    approximate: bool = False,
 ) -> Discovery:
     """Finds the coupled channel groups of ``fn(params, *args)`` from its jaxpr.
 
@@ -241,6 +244,12 @@ def discover(
         declared chain's :func:`admmprune.structure.graph.chain_specs`.
       strict: raise :class:`DiscoveryError` rather than leave unpruned the
         channels that an operation which cannot be followed touches.
+      approximate: also prune channels that a sum over them reads (the
+        statistics of LayerNorm, RMSNorm or GroupNorm with one group). A
+        collapsed model then averages over the kept channels only, so it is
+        not exactly the masked model: :attr:`Discovery.notes` says where.
+        By default such channels are not pruned, and ``unprunable`` names
+        the operation and its source line.
 
     Returns:
       A :class:`Discovery`: ``specs`` shaped like ``params``, the groups, what
@@ -265,7 +274,7 @@ Filter(axis=-1, group='fc1', repeat=1, offset=0, size=None))))
     def masked(path: str) -> bool:
         return not linen_vars or path.startswith("params/")
 
-    return _build(analyze(fn, (params,), args, masked), (params,), overrides, strict)
+    return _build(analyze(fn, (params,), args, masked, approximate=approximate), (params,), overrides, strict)
 
 
 def discover_specs(fn: Callable[..., Any], params: Params, *args: Any, **kwargs: Any) -> Specs:
@@ -282,6 +291,7 @@ def discover_nnx(
     *args: Any,
     overrides: Mapping[str, Any] | None = None,
     strict: bool = False,
+    approximate: bool = False,
 ) -> Discovery:
     """:func:`discover` for a Flax NNX module, covering its BatchNorm statistics.
 
@@ -300,6 +310,7 @@ def discover_nnx(
       overrides: ``{path: spec or None}`` over both states; defaults to the
         model's ``pruning_overrides`` attribute if it has one.
       strict: as in :func:`discover`.
+      approximate: as in :func:`discover`.
 
     Returns:
       A :class:`Discovery` with ``specs`` and ``state_specs``.
@@ -316,7 +327,7 @@ def discover_nnx(
     if overrides is None:
         overrides = getattr(model, "pruning_overrides", None)
     param_paths = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-    found = analyze(fn, (params, rest), args, param_paths.__contains__)
+    found = analyze(fn, (params, rest), args, param_paths.__contains__, approximate=approximate)
     return _build(found, (params, rest), overrides, strict)
 
 

@@ -28,7 +28,12 @@ class Found(NamedTuple):
 
 
 def analyze(
-    fn: Callable[..., Any], trees: Sequence[Params], args: Sequence[Any], masked: Callable[[str], bool]
+    fn: Callable[..., Any],
+    trees: Sequence[Params],
+    args: Sequence[Any],
+    masked: Callable[[str], bool],
+    *,
+    approximate: bool = False,
 ) -> Found:
     """Traces ``fn(*trees, *args)`` and reads the specs of every leaf of ``trees`` off the result.
 
@@ -43,7 +48,7 @@ def analyze(
     with reference_forms():  # the zoo layers as the lax ops the rules read
         closed = jax.make_jaxpr(lambda *a: fn(*a))(*trees, *args)  # a new function: no cached trace
     jaxpr = closed.jaxpr
-    t = Tracer(paths)
+    t = Tracer(paths, approximate=approximate)
     in_avals = []
     for i, v in enumerate(jaxpr.invars):
         shape = tuple(v.aval.shape)

@@ -39,8 +39,8 @@ def _where(eqn: Any) -> str:
 class Tracer(Records):
     """The union-find records, run over a jaxpr."""
 
-    def __init__(self, paths: Sequence[str]):
-        super().__init__(paths)
+    def __init__(self, paths: Sequence[str], *, approximate: bool = False):
+        super().__init__(paths, approximate=approximate)
         self.where: list[str] = []  # source lines of the calls being followed
 
     # -- the interpreter --

@@ -97,8 +97,10 @@ class Records:
     rather than in the interpreter so that the rules need not import it.
     """
 
-    def __init__(self, paths: Sequence[str]):
+    def __init__(self, paths: Sequence[str], *, approximate: bool = False):
         self.paths = list(paths)
+        # Prune channels that statistics are taken over (a note, not a refusal).
+        self.approximate = approximate
         self.spaces: list[Space] = []
         self.axes: list[ParamAxis] = []
         self.slot_reasons: dict[int, list[tuple[str, str]]] = {}

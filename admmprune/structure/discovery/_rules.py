@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._records import UNSUPPORTED, AVal, Desc, Records, Slot
+from ._records import BOUNDARY, UNSUPPORTED, AVal, Desc, Records, Slot
 from ._shape_rules import SHAPE_RULES
 
 # Elementwise ops, by what they do to an operand whose removed channels are zero.
@@ -190,11 +190,19 @@ def _reduce(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[AVal]:
         d = x.descs[a]
         if not t.live(d):
             continue
-        if name == "reduce_sum" and x.zero[a]:
+        if name == "reduce_sum" and x.zero[a] and t.approximate:
             t.note(
                 d,
                 f"{site} sums over the channels (e.g. LayerNorm statistics): after collapsing, "
                 "means over them are taken over the kept channels only",
+            )
+        elif name == "reduce_sum" and x.zero[a]:
+            t.poison(
+                d,
+                BOUNDARY,
+                f"{site} sums over the channels (e.g. the statistics of a LayerNorm or RMSNorm): "
+                "a collapsed model would average over the kept channels only, another function "
+                "(discover(..., approximate=True) prunes them anyway, with a note)",
             )
         else:
             t.poison(d, UNSUPPORTED, f"{site} reduces over the channels")
