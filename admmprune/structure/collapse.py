@@ -422,6 +422,8 @@ def collapse(
     *,
     state_specs: Specs | None = None,
     rebuild: bool | None = None,
+    check: Sequence[Any] | None = None,
+    rtol: float = 1e-5,
 ) -> nnx.Module:
     """A new, smaller model without the pruned channels, equal to :func:`masked`'s.
 
@@ -445,6 +447,13 @@ def collapse(
       rebuild: ``None``: rebuild registered models from their ``config`` and
         copy other modules structurally; ``False``: always copy structurally;
         ``True``: require a registered model.
+      check: example inputs (a tuple of arguments): the collapsed model and
+        :func:`masked`'s are called on them, in evaluation mode, and must
+        agree, or no model is returned. This catches what the structure
+        cannot show, such as a scale the model computes from a pruned
+        dimension (attention's ``1 / sqrt(head_dim)``).
+      rtol: the tolerance of ``check``: the largest absolute difference of the
+        outputs, relative to the largest absolute output of the masked model.
 
     Returns:
       A new module of the same class. For a registered model its ``config``
@@ -453,7 +462,8 @@ def collapse(
     Raises:
       ValueError: if the collapsed variables do not fit the rebuilt model (a
         group that breaks a width constraint of the architecture, or missing
-        ``state_specs``), or a layer cannot change its channels.
+        ``state_specs``), or a layer cannot change its channels, or (with
+        ``check``) the collapsed model computes another function.
 
     Examples:
       >>> found = discover_nnx(model, x)
@@ -497,7 +507,34 @@ def collapse(
     _check_shapes(target, (params, rest), how)
     nnx.update(target, params, rest)
     _copy_mode(model, target)
+    if check is not None:
+        _check_equal(masked(model, masks, specs), target, tuple(check), rtol)
     return target
+
+
+def _check_equal(reference: nnx.Module, collapsed: nnx.Module, args: tuple, rtol: float) -> None:
+    """Raises unless ``collapsed(*args)`` equals ``reference(*args)`` (eval mode) within ``rtol``."""
+    outputs = []
+    for m in (reference, collapsed):
+        m = nnx.merge(*nnx.split(m), copy=True)
+        m.eval()
+        outputs.append(jax.tree.leaves(m(*args)))
+    worst, scale = 0.0, 0.0
+    for a, b in zip(*outputs, strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            raise ValueError(f"the collapsed model's output has shape {b.shape}, the masked model's {a.shape}")
+        worst, scale = (
+            max(worst, float(np.max(np.abs(a - b), initial=0.0))),
+            max(scale, float(np.max(np.abs(a), initial=0.0))),
+        )
+    if not worst <= rtol * max(scale, np.finfo(np.float32).tiny):
+        raise ValueError(
+            f"the collapsed model computes another function than the masked one: outputs differ by up to "
+            f"{worst:.3g} where they reach {scale:.3g} (check, rtol={rtol:g}); something the model computes "
+            "from a pruned dimension (e.g. attention's 1/sqrt(head_dim) scale, a mean over channels) changed "
+            "with it: exclude that group from pruning (overrides) or fold the factor into a kernel"
+        )
 
 
 __all__ = ["alive_channels", "collapse", "consistent_masks", "masked", "removable_groups", "slice_channels"]
