@@ -545,38 +545,45 @@ def test_slice_channels_collapses_linen_variables_to_the_masked_model():
 
 
 class HeadAttention(nnx.Module):
-    """Self-attention written the way users write it, with per-head kernels
-    (as ``nnx.MultiHeadAttention``'s) and a scale computed from the head
-    dimension unless one is given."""
+    """Self-attention written the way users write it: per-head kernels (as
+    ``nnx.MultiHeadAttention``'s, or one head with plain matrices), and a
+    scale computed from the head dimension unless one is given."""
 
     def __init__(self, dim, heads, head_dim, scale=None, *, rngs):
-        self.scale = scale
+        self.scale, self.multi = scale, heads > 1
+        shape = (heads, head_dim) if self.multi else (head_dim,)
         init = nnx.initializers.lecun_normal()
         for name in ("q", "k", "v"):
-            setattr(self, name, nnx.Param(init(rngs.params(), (dim, heads, head_dim))))
-        self.o = nnx.Param(init(rngs.params(), (heads, head_dim, dim)))
+            setattr(self, name, nnx.Param(init(rngs.params(), (dim, *shape))))
+        self.o = nnx.Param(init(rngs.params(), (*shape, dim)))
 
     def __call__(self, x):
-        q, k, v = (jnp.einsum("btc,chd->bthd", x, w[...]) for w in (self.q, self.k, self.v))
+        h = "h" if self.multi else ""
+        q, k, v = (jnp.einsum(f"btc,c{h}d->bt{h}d", x, w[...]) for w in (self.q, self.k, self.v))
         scale = self.scale if self.scale is not None else 1 / math.sqrt(q.shape[-1])
-        weights = jax.nn.softmax(jnp.einsum("bthd,bshd->bhts", q * scale, k), axis=-1)
-        return x + jnp.einsum("bhts,bshd,hdc->btc", weights, v, self.o[...])
+        weights = jax.nn.softmax(jnp.einsum(f"bt{h}d,bs{h}d->b{h}ts", q * scale, k), axis=-1)
+        return x + jnp.einsum(f"b{h}ts,bs{h}d,{h}dc->btc", weights, v, self.o[...])
 
 
-@pytest.mark.parametrize("scale", [None, 0.25], ids=["scale-from-shape", "fixed-scale"])
-def test_check_refuses_a_collapse_that_changes_the_function(scale):
-    model = abstract_random(lambda: HeadAttention(8, 2, 4, scale, rngs=nnx.Rngs(0)))
+@pytest.mark.parametrize(
+    "heads,scale,exact",
+    [(1, None, False), (1, 0.25, True), (2, None, True)],
+    ids=["one-head-scale-from-shape", "one-head-fixed-scale", "heads-scale-from-shape"],
+)
+def test_check_refuses_a_collapse_that_changes_the_function(heads, scale, exact):
+    model = abstract_random(lambda: HeadAttention(8, heads, 4, scale, rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(0), (2, 5, 8))
     found = discover_nnx(model, x)
-    assert found.groups  # q/k channels and v/o channels can be pruned, as far as the structure shows
+    # One head: its dimension is a group. Several: whole heads are, never their dimension too.
+    assert {n: g.channels for n, g in found.groups.items()} == ({"q": 2} if heads > 1 else {"q": 4, "v": 4})
     masks = group_masks(found.specs, nnx.state(model, nnx.Param), random_keep(found, np.random.default_rng(1), 0.5))
     small = collapse(model, masks, found)  # without check: the structure is consistent
     error = rel_err(masked(model, masks, found)(x), small(x))
-    if scale is None:
+    if exact:
+        assert error < TOL
+        assert rel_err(small(x), collapse(model, masks, found, check=(x,))(x)) == 0
+    else:
         # 1/sqrt(head_dim) follows the collapsed shape: another function, refused with check.
         assert error > 1e-3
         with pytest.raises(ValueError, match="another function"):
             collapse(model, masks, found, check=(x,))
-    else:
-        assert error < TOL
-        assert rel_err(small(x), collapse(model, masks, found, check=(x,))(x)) == 0

@@ -494,6 +494,33 @@ def test_contracting_two_activations():
     assert "q" not in gated.groups and "not zero" in " ".join(gated.unprunable["q"])
 
 
+class MHABlock(nnx.Module):
+    """A pre-norm-free attention block on ``nnx.MultiHeadAttention`` (per-head kernels)."""
+
+    def __init__(self):
+        self.embed = nnx.Linear(3, 8, rngs=R)
+        self.mha = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=R)
+        self.head = nnx.Linear(8, 2, rngs=R)
+
+    def __call__(self, x):
+        x = self.embed(x.reshape(x.shape[0], -1, x.shape[-1]))
+        return self.head(x + self.mha(x))
+
+
+def test_attention_heads_are_pruned_whole_never_their_dimension_too():
+    found = discover_nnx(MHABlock(), X)
+    heads = found.groups["mha/query"]
+    assert heads.channels == 2 and len(found.groups) == 2  # the heads, and embed's channels
+    assert {p for p, _ in heads.members} == {
+        f"mha/{n}/{v}" for n in ("query", "key", "value") for v in ("kernel", "bias")
+    } | {"mha/out/kernel"}
+    assert flat(found.specs)["mha/query/kernel"] == Coupled(
+        (Channel(axis=-3, group="embed"), Filter(axis=-2, group="mha/query"))
+    )
+    reasons = " ".join(found.unprunable["mha/value"])
+    assert "mha/value/kernel[axis 2] is an inner output axis" in reasons and "linear.py" in reasons
+
+
 class Nested(nnx.Module):
     """ConvBN through jit, remat, a custom_vjp and a cond."""
 

@@ -39,7 +39,10 @@ What each operation does:
 * ``conv_general_dilated`` (also ``nnx.ConvTranspose``, which lowers to it
   with ``lhs_dilation``) and ``dot_general``: the contracted axes are tied
   (the kernel's input axis joins the producer's group as a ``Channel``); the
-  kernel's free axis is a new group unless already bound (weight tying).
+  kernel's free axis is a new group unless already bound (weight tying). A
+  kernel with several free axes (attention's ``(in, heads, head_dim)``) is
+  pruned along the first only: whole heads, never the per-head dimension too
+  (which would also change a scale computed from it).
   Depthwise convs (``feature_group_count == C_in == C_out``) tie input and
   output channels, so the depthwise kernel joins its input's group. Other
   grouped convs, and depthwise with a channel multiplier, are unprunable.

@@ -129,9 +129,29 @@ def _contract(t: Records, x: AVal, ax: int, y: AVal, ay: int, site: str) -> None
         )
 
 
+def _one_output_axis(t: Records, a: AVal, free: list[int], site: str) -> None:
+    """A kernel with several output axes (attention's ``(in, heads, head_dim)``)
+    is pruned along the first only: a head goes whole, never the head and a
+    part of every other head, and attention's scale, which models compute
+    from the per-head dimension, stays what it was."""
+    kernel_axes = [i for i in free if isinstance(a.descs[i], Slot)]
+    if len(kernel_axes) > 1:
+        _free(t, a, kernel_axes[0])  # named after the layer first
+    for i in kernel_axes[1:]:
+        first = t.slot_name(a.descs[kernel_axes[0]])
+        t.poison(
+            _free(t, a, i),
+            BOUNDARY,
+            f"{site}: {t.slot_name(a.descs[i])} is an inner output axis of a kernel that {first} already "
+            "prunes (e.g. the per-head dimension, where whole heads are pruned)",
+        )
+
+
 def _dot_general(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[AVal]:
     x, y = ins
     (xc, yc), (xb, yb) = eqn.params["dimension_numbers"]
+    _one_output_axis(t, x, [a for a in range(len(x.shape)) if a not in xc and a not in xb], site)
+    _one_output_axis(t, y, [b for b in range(len(y.shape)) if b not in yc and b not in yb], site)
     for a, b in zip(xc, yc, strict=True):
         _contract(t, x, a, y, b, site)
     descs, zero = [], []
