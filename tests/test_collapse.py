@@ -587,3 +587,37 @@ def test_check_refuses_a_collapse_that_changes_the_function(heads, scale, exact)
         assert error > 1e-3
         with pytest.raises(ValueError, match="another function"):
             collapse(model, masks, found, check=(x,))
+
+
+class MHABlock(nnx.Module):
+    """An embedding, ``nnx.MultiHeadAttention`` (grouped-query with kv_heads < 4) and a head."""
+
+    def __init__(self, kv_heads, *, rngs):
+        self.embed = nnx.Linear(3, 8, rngs=rngs)
+        self.mha = nnx.MultiHeadAttention(
+            num_heads=4, num_kv_heads=kv_heads, in_features=8, qkv_features=16, decode=False, rngs=rngs
+        )
+        self.head = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.embed(x.reshape(x.shape[0], -1, x.shape[-1]))
+        return self.head(x + self.mha(x))
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_multi_head_attention_loses_whole_heads_and_collapses_exactly(kv_heads):
+    model = randomize(MHABlock(kv_heads, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    found = discover_nnx(model, x)
+    masks = group_masks(found.specs, nnx.state(model, nnx.Param), random_keep(found, np.random.default_rng(1), 0.5))
+    small = collapse(model, masks, found, check=(x,))
+    assert rel_err(masked(model, masks, found)(x), small(x)) < TOL
+    assert small.mha.in_features == small.embed.out_features == 4  # the residual stream, without a norm
+    if kv_heads == 4:
+        assert (small.mha.num_heads, small.mha.num_kv_heads, small.mha.qkv_features) == (2, 2, 8)
+        assert small.mha.query.kernel.shape == (4, 2, 4) and small.mha.out.kernel.shape == (2, 4, 4)
+    else:
+        # Grouped-query attention splits the query heads by key/value head: not pruned, and said why.
+        assert "mha/query" not in found.groups and "splits the channels" in " ".join(found.unprunable["mha/query"])
+        assert (small.mha.num_heads, small.mha.num_kv_heads) == (4, 2)
+    assert jax.jit(lambda m, x: m(x))(small, x).shape == (2, 16, 2)

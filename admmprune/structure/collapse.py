@@ -401,7 +401,23 @@ def _set_sizes(old: nnx.Module, new: nnx.Module, where: str) -> None:
         new.num_features = n
     elif isinstance(new, nnx.Embed):
         new.num_embeddings, new.features = shape("embedding")
-    elif isinstance(new, (nnx.LinearGeneral, nnx.Einsum)) and _shapes(nnx.state(new)) != _shapes(nnx.state(old)):
+    elif isinstance(new, nnx.LinearGeneral):
+        k = shape("kernel")  # (*batch sizes, *in_features, *out_features)
+        n_batch, n_in = len(old.batch_axis), len(old.in_features)
+        if k[:n_batch] != tuple(old.batch_axis.values()):
+            raise ValueError(f"{where}: a LinearGeneral cannot lose entries of its batch axes")
+        new.in_features, new.out_features = k[n_batch : n_batch + n_in], k[n_batch + n_in :]
+    elif isinstance(new, nnx.MultiHeadAttention):
+        # Its projections (LinearGeneral, set above: query (in, heads, head_dim),
+        # key/value (in_kv, kv_heads, head_dim), out (heads, head_dim, out)).
+        q, kv, out = (getattr(new, n).kernel.shape for n in ("query", "key", "out"))
+        if q[-1] != old.head_dim or tuple(new.value.kernel.shape) != tuple(kv):
+            raise ValueError(f"{where}: attention can lose whole heads only, the same in key and value")
+        if q[-2] % kv[-2] or old.num_heads // old.num_kv_heads != q[-2] // kv[-2]:
+            raise ValueError(f"{where}: pruned heads must keep every key/value head's number of query heads")
+        new.in_features, new.num_heads, new.num_kv_heads = q[0], q[-2], kv[-2]
+        new.qkv_features, new.in_kv_features, new.out_features = q[-2] * q[-1], kv[0], out[-1]
+    elif isinstance(new, nnx.Einsum) and _shapes(nnx.state(new)) != _shapes(nnx.state(old)):
         raise ValueError(f"{where}: collapsing {type(new).__name__} is not supported")
 
 
