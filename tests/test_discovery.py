@@ -31,6 +31,7 @@ from flax import nnx
 
 import admmprune as ap
 from admmprune import graph, models, path_str
+from admmprune.collapse import collapse, masked
 from admmprune.discovery import DiscoveryError, discover, discover_nnx, discover_specs
 from admmprune.projections import coupled_groups, expand_groups, groups_alive, num_groups
 from admmprune.sparsity import Channel, Coupled, Filter, is_spec
@@ -536,7 +537,8 @@ class Nested(nnx.Module):
         m = self.inner
         y = jax.checkpoint(lambda z: m.bn(m.conv1(z)))(x)
         y = jax.jit(jax.nn.relu)(double(y))
-        y = jax.lax.cond(y.sum() > 0, lambda z: z * 2, lambda z: z, y)
+        # (The predicate sums the input: a sum over the channels is refused, see test_normalization_*.)
+        y = jax.lax.cond(x.sum() > 0, lambda z: z * 2, lambda z: z, y)
         return m.conv2(y)
 
 
@@ -637,11 +639,13 @@ def test_inputs_and_outputs_are_never_pruned():
 
 def test_overrides_take_precedence():
     model = ConvBN()
-    found = discover_nnx(model, X, overrides={"conv2/bias": Filter(), "bn/mean": None})
+    found = discover_nnx(model, X, overrides={"conv2/bias": Filter()})
     assert flat(found.specs)["conv2/bias"] == Filter()
-    assert flat(found.state_specs)["bn/mean"] is None
     with pytest.raises(ValueError, match="do not exist"):
         discover_nnx(model, X, overrides={"conv9/kernel": None})
+    # Taking one member out of a group would leave a model that does not fit together.
+    with pytest.raises(ValueError, match="takes it out of channel group 'conv1', whose other members"):
+        discover_nnx(model, X, overrides={"bn/mean": None})
     # A whole spec tree, e.g. a declared chain, replaces every spec.
     lenet = models.get("lenet5", features=(3, 4, 5))
     fn, params = models.apply_fn(lenet)
@@ -649,6 +653,24 @@ def test_overrides_take_precedence():
     assert discover(fn, params, jnp.zeros((1, 28, 28, 1)), overrides=chain).specs == chain
     with pytest.raises(ValueError, match="disagree"):
         discover(fn, params, jnp.zeros((1, 28, 28, 1)), overrides={"conv2/bias": Filter(group="conv1")})
+
+
+def test_exclude_leaves_whole_groups_unpruned_and_says_why():
+    model = models.get("lenet5", features=(3, 4, 5))
+    found = discover_nnx(model, jnp.zeros((1, 28, 28, 1)), exclude=["^conv2/"])
+    # conv2/kernel reads conv1's channels and makes conv2's: both groups go, whole; fc1's stays.
+    assert list(found.groups) == ["fc1"]
+    assert flat(found.specs)["conv1/kernel"] is None and flat(found.specs)["fc1/kernel"] == Filter(group="fc1")
+    assert "excluded: it reaches conv2/kernel (exclude pattern '^conv2/')" in found.unprunable["conv1"]
+    assert found.unprunable["conv2"] == ("excluded: it reaches conv2/bias (exclude pattern '^conv2/')",)
+    # What is left still prunes and collapses to the masked model.
+    _, masks = ap.hard_prune(nnx.state(model, nnx.Param), found.specs, 0.5)
+    small = collapse(model, masks, found)
+    x = jnp.ones((2, 28, 28, 1))
+    np.testing.assert_allclose(small(x), masked(model, masks, found)(x), rtol=1e-5, atol=1e-6)
+    assert (small.conv1.out_features, small.conv2.out_features, small.fc1.out_features) == (3, 4, 3)
+    with pytest.raises(ValueError, match="matches no parameter path"):
+        discover_nnx(model, jnp.zeros((1, 28, 28, 1)), exclude="attention")
 
 
 # --- the model zoo ------------------------------------------------------------------------

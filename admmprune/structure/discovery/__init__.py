@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -97,8 +98,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from admmprune._types import Params, Specs, path_str
-from admmprune.core.groups import channel_groups
-from admmprune.core.sparsity import is_spec, validate
+from admmprune.core.groups import channel_groups, memberships
+from admmprune.core.sparsity import Coupled, is_spec, validate
 
 # The method lives in private modules, each importing only those after it:
 # _groups (trace fn, read the specs off the records) -> _interpreter (the jaxpr
@@ -178,10 +179,55 @@ def spec_paths(specs: Specs) -> dict[str, Any]:
     return {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]}
 
 
+def _without(spec: Any, groups: set[str]) -> Any:
+    """``spec`` without its memberships of ``groups`` (``None`` if nothing is left)."""
+    kept = tuple(m for m in memberships(spec) if m.group not in groups)
+    if len(kept) == len(memberships(spec)):
+        return spec
+    return None if not kept else kept[0] if len(kept) == 1 else Coupled(kept)
+
+
+def _names(spec: Any) -> set[str]:
+    return {m.group for m in memberships(spec) if m.group is not None}
+
+
+def _check_partial(paths: list[str], before: list[Any], after: list[Any]) -> None:
+    """Raises if an override took some members out of a group and left others in it."""
+    left = {p: _names(b) - _names(a) for p, b, a in zip(paths, before, after, strict=True)}
+    for path, groups in left.items():
+        for g in sorted(groups):
+            still = [q for q, a in zip(paths, after, strict=True) if g in _names(a)]
+            if still:
+                raise ValueError(
+                    f"the override of {path} takes it out of channel group {g!r}, whose other members "
+                    f"({', '.join(still[:4])}{', ...' if len(still) > 4 else ''}) would still be pruned: the "
+                    f"pruned model would not fit together; exclude the whole group (exclude=[{path!r}]) or "
+                    "override every member"
+                )
+
+
+def _excluded(paths: list[str], specs: list[Any], patterns: Sequence[str]) -> dict[str, str]:
+    """``{group: reason}`` for every group with a member whose path or layer matches a pattern."""
+    out: dict[str, str] = {}
+    for pattern in patterns:
+        regex = re.compile(pattern)
+        hits = [(p, s) for p, s in zip(paths, specs, strict=True) if regex.search(p)]
+        if not hits:
+            raise ValueError(f"exclude pattern {pattern!r} matches no parameter path (e.g. {paths[0]!r})")
+        for path, spec in hits:
+            for g in sorted(_names(spec)):
+                out.setdefault(g, f"excluded: it reaches {path} (exclude pattern {pattern!r})")
+    return out
+
+
 def _build(
-    found: Found, trees: Sequence[Params], overrides: Mapping[str, Any] | Specs | None, strict: bool
+    found: Found,
+    trees: Sequence[Params],
+    overrides: Mapping[str, Any] | Specs | None,
+    strict: bool,
+    exclude: str | Sequence[str] = (),
 ) -> Discovery:
-    """Applies ``overrides``, checks the groups and builds the :class:`Discovery`."""
+    """Applies ``overrides`` and ``exclude``, checks the groups and builds the :class:`Discovery`."""
     if strict and found.unfollowed:
         lines = "\n".join(f"  {n}: " + "; ".join(found.unprunable[n]) for n in found.unfollowed)
         raise DiscoveryError(f"cannot follow the channels of:\n{lines}")
@@ -196,12 +242,23 @@ def _build(
         unknown = sorted(set(overrides) - set(index))
         if unknown:
             raise ValueError(f"overrides name parameters that do not exist: {unknown}")
+        discovered = list(specs)
         for p, spec in overrides.items():
             validate(spec, shapes[index[p]], p)
             specs[index[p]] = spec
-    groups: dict[str, Group] = {}
     # Built and checked (members agree on the channel count) once, by the core.
-    table = {g.name: g for g in channel_groups(specs, [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])}
+    shaped = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+    channel_groups(specs, shaped)
+    if overrides is not None:
+        _check_partial(paths, discovered, specs)
+    unprunable = dict(found.unprunable)
+    excluded = _excluded(paths, specs, [exclude] if isinstance(exclude, str) else list(exclude))
+    if excluded:
+        specs = [_without(spec, set(excluded)) for spec in specs]
+        for g, reason in excluded.items():
+            unprunable[g] = (*unprunable.get(g, ()), reason)
+    groups: dict[str, Group] = {}
+    table = {g.name: g for g in channel_groups(specs, shaped)}
     for name in [g for g in found.group_order if g in table] + sorted(set(table) - set(found.group_order)):
         group = table[name]
         groups[name] = Group(group.channels, tuple((paths[m.leaf], specs[m.leaf]) for m in group.members))
@@ -209,7 +266,7 @@ def _build(
     for leaves, treedef in flat:
         out.append(jax.tree_util.tree_unflatten(treedef, specs[start : start + len(leaves)]))
         start += len(leaves)
-    return Discovery(out[0], out[1] if len(out) > 1 else None, groups, found.unprunable, found.unfollowed, found.notes)
+    return Discovery(out[0], out[1] if len(out) > 1 else None, groups, unprunable, found.unfollowed, found.notes)
 
 
 def discover(
@@ -219,6 +276,7 @@ def discover(
     overrides: Mapping[str, Any] | Specs | None = None,
     strict: bool = False,
     approximate: bool = False,
+    exclude: str | Sequence[str] = (),
 ) -> Discovery:
     """Finds the coupled channel groups of ``fn(params, *args)`` from its jaxpr.
 
@@ -253,6 +311,11 @@ def discover(
         not exactly the masked model: :attr:`Discovery.notes` says where.
         By default such channels are not pruned, and ``unprunable`` names
         the operation and its source line.
+      exclude: regular expressions (``re.search``) over parameter paths, such
+        as ``"attn"`` or ``"^blocks/0/"``: every channel group with a member
+        that matches is left unpruned, whole (all its producers and
+        consumers), and ``unprunable`` says which path excluded it. Applied
+        after ``overrides``.
 
     Returns:
       A :class:`Discovery`: ``specs`` shaped like ``params``, the groups, what
@@ -261,7 +324,9 @@ def discover(
     Raises:
       DiscoveryError: with ``strict``, naming the primitives, their source
         lines and the groups or parameters they touch.
-      ValueError: if an override names no parameter or breaks a group.
+      ValueError: if an override names no parameter or breaks a group (takes
+        some of its members out and leaves the others), or an ``exclude``
+        pattern matches no parameter.
 
     Examples:
       >>> fn, params = models.apply_fn(models.get("lenet5"))
@@ -277,7 +342,8 @@ Filter(axis=-1, group='fc1', repeat=1, offset=0, size=None))))
     def masked(path: str) -> bool:
         return not linen_vars or path.startswith("params/")
 
-    return _build(analyze(fn, (params,), args, masked, approximate=approximate), (params,), overrides, strict)
+    found = analyze(fn, (params,), args, masked, approximate=approximate)
+    return _build(found, (params,), overrides, strict, exclude)
 
 
 def discover_specs(fn: Callable[..., Any], params: Params, *args: Any, **kwargs: Any) -> Specs:
@@ -295,6 +361,7 @@ def discover_nnx(
     overrides: Mapping[str, Any] | None = None,
     strict: bool = False,
     approximate: bool = False,
+    exclude: str | Sequence[str] = (),
 ) -> Discovery:
     """:func:`discover` for a Flax NNX module, covering its BatchNorm statistics.
 
@@ -314,6 +381,7 @@ def discover_nnx(
         model's ``pruning_overrides`` attribute if it has one.
       strict: as in :func:`discover`.
       approximate: as in :func:`discover`.
+      exclude: as in :func:`discover`, over the paths of both states.
 
     Returns:
       A :class:`Discovery` with ``specs`` and ``state_specs``.
@@ -331,7 +399,7 @@ def discover_nnx(
         overrides = getattr(model, "pruning_overrides", None)
     param_paths = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     found = analyze(fn, (params, rest), args, param_paths.__contains__, approximate=approximate)
-    return _build(found, (params, rest), overrides, strict)
+    return _build(found, (params, rest), overrides, strict, exclude)
 
 
 __all__ = ["Discovery", "DiscoveryError", "Group", "discover", "discover_nnx", "discover_specs", "spec_paths"]
