@@ -93,6 +93,11 @@ VARIANTS = {
     # Distillation from the dense model in the masked training (retrain.distill), for either method.
     "admm_distill": ("admm", ["retrain.distill=0.5"]),
     "magnitude_distill": ("magnitude", ["retrain.distill=0.5"]),
+    # One ADMM stage at the final ratio ({ratio} is the case's): at the peer's
+    # budget, one epoch of ADMM and three of retraining at the final widths,
+    # where the progressive stages leave one (magnitude fine-tunes for four).
+    "admm_one_stage": ("admm", ["prune.stages=({ratio},)"]),
+    "admm_one_stage_distill": ("admm", ["prune.stages=({ratio},)", "retrain.distill=0.5"]),
 }
 #: Everything a case can run, in the order of the tables.
 ENTRIES = (*methods.METHODS, *VARIANTS)
@@ -113,11 +118,17 @@ def config_of(dense: str, seed: int, overrides=()):
     return config
 
 
-def budget_overrides(budget: str, ratio: float) -> list[str]:
-    """``peer``: one epoch per stage and the rest of :data:`PEER_EPOCHS` retraining; ``default``: nothing."""
+def budget_overrides(budget: str, ratio: float, overrides=()) -> list[str]:
+    """``peer``: one epoch per stage and the rest of :data:`PEER_EPOCHS` retraining; ``default``: nothing.
+
+    ``overrides`` are the run's own (a variant may set ``prune.stages``)."""
     if budget == "default":
         return []
-    stages = len(schedules.stage_ratios(ratio, load_config("default").prune.stages))
+    config = load_config("default")
+    for item in overrides:
+        key, _, value = item.partition("=")
+        apply_override(config, key, value)
+    stages = len(schedules.stage_ratios(ratio, config.prune.stages))
     if stages >= PEER_EPOCHS:
         raise SystemExit(f"error: ratio {ratio} has {stages} stages, more than the peer's {PEER_EPOCHS} epochs")
     return ["admm.epochs_per_stage=1", f"retrain.epochs={PEER_EPOCHS - stages}"]
@@ -145,13 +156,13 @@ def train_dense(root: str, dense: str, seed: int) -> str:
 def run_config(root: str, case: str, budget: str, method: str, seed: int):
     spec = CASES[case]
     base, extra = VARIANTS.get(method, (method, []))
+    own = [*spec.get("overrides", []), *(e.format(ratio=spec["ratio"]) for e in extra)]
     overrides = [
         f"prune.ratio={spec['ratio']}",
         f"prune.method={base}",
         f"dense.init={dense_dir(root, spec['dense'], seed)}",
-        *budget_overrides(budget, spec["ratio"]),
-        *spec.get("overrides", []),
-        *extra,
+        *budget_overrides(budget, spec["ratio"], own),
+        *own,
     ]
     return config_of(spec["dense"], seed, overrides)
 
