@@ -187,7 +187,6 @@ ZOO = [
     ("resnet20", CIFAR, (4, 8, 8, 3), "hard"),
     ("resnet32", scaled("resnet32", 2, **CIFAR), (4, 8, 8, 3), "random"),
     ("resnet56", scaled("resnet56", 2, **CIFAR), (4, 8, 8, 3), "random"),
-    ("resnet110", scaled("resnet110", 4, **CIFAR), (4, 8, 8, 3), "random"),
     ("resnet18", scaled("resnet18", 8, in_shape=(32, 32, 3), num_classes=10), (16, 32, 32, 3), "random"),
     ("resnet50", scaled("resnet50", 16, in_shape=(32, 32, 3), num_classes=10), (16, 32, 32, 3), "random"),
     (

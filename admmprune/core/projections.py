@@ -51,6 +51,16 @@ def num_groups(shape: Sequence[int], spec: Spec) -> int:
     return spec.num_groups(tuple(shape))
 
 
+def _whole(x: jax.Array) -> jax.Array:
+    """``x`` replicated where its type says it is split over devices (explicit
+    sharding, ``jax.set_mesh`` with ``AxisType.Explicit``): a sort needs the
+    whole axis. Scores and masks are small; under automatic sharding nothing changes."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if spec is not None and any(a is not None for a in spec):
+        return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+    return x
+
+
 def to_groups(x: jax.Array, spec: Spec) -> jax.Array:
     """Rearranges ``x`` into a ``(num_groups, group_size)`` matrix.
 
@@ -58,6 +68,7 @@ def to_groups(x: jax.Array, spec: Spec) -> jax.Array:
     channel spec with an ``offset``/``size`` slice has only the slice's rows.
     """
     shape = x.shape
+    x = _whole(x)  # the reshapes below regroup entries across any split axis
     if isinstance(spec, Unstructured):
         return x.reshape(-1, 1)
     if isinstance(spec, CHANNEL_SPECS):
@@ -85,6 +96,7 @@ def from_groups(g: jax.Array, spec: Spec, shape: Sequence[int]) -> jax.Array:
     holds, are zero (``False``).
     """
     shape = tuple(shape)
+    g = _whole(g)
     if isinstance(spec, (Unstructured, Column)):
         return g.reshape(shape)
     if isinstance(spec, CHANNEL_SPECS):
@@ -161,9 +173,9 @@ def top_k_groups(scores: jax.Array, k: ArrayLike, alive: jax.Array | None = None
       k: how many to keep (may be traced).
       alive: optional ``(G,)`` boolean; dead groups are never kept.
     """
-    scores = jnp.asarray(scores, jnp.float32)
+    scores = _whole(jnp.asarray(scores, jnp.float32))
     if alive is not None:
-        scores = jnp.where(alive, scores, -jnp.inf)
+        scores = jnp.where(_whole(alive), scores, -jnp.inf)
     order = jnp.argsort(-scores, stable=True)
     ranks = jnp.zeros(scores.shape, jnp.int32).at[order].set(jnp.arange(scores.shape[0], dtype=jnp.int32))
     keep = ranks < k
@@ -172,9 +184,9 @@ def top_k_groups(scores: jax.Array, k: ArrayLike, alive: jax.Array | None = None
 
 def _nofm_mask(x: jax.Array, spec: NofM, support: jax.Array | None) -> jax.Array:
     axis = spec.axis % x.ndim
-    a = jnp.abs(jnp.moveaxis(x, axis, -1)).astype(jnp.float32)
+    a = _whole(jnp.abs(jnp.moveaxis(x, axis, -1)).astype(jnp.float32))
     if support is not None:
-        a = jnp.where(jnp.moveaxis(support, axis, -1), a, -1.0)
+        a = jnp.where(_whole(jnp.moveaxis(support, axis, -1)), a, -1.0)
     length = a.shape[-1]
     blocks = -(-length // spec.m)
     a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, blocks * spec.m - length)], constant_values=-2.0)
