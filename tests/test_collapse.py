@@ -620,3 +620,37 @@ def test_multi_head_attention_loses_whole_heads_and_collapses_exactly(kv_heads):
         assert "mha/query" not in found.groups and "splits the channels" in " ".join(found.unprunable["mha/query"])
         assert (small.mha.num_heads, small.mha.num_kv_heads) == (4, 2)
     assert jax.jit(lambda m, x: m(x))(small, x).shape == (2, 16, 2)
+
+
+class TinyViT(nnx.Module):
+    """Patch embedding, a class token tiled over the batch (``jnp.tile``), attention, an MLP and a head."""
+
+    def __init__(self, *, rngs):
+        self.patch = nnx.Conv(3, 8, (2, 2), strides=(2, 2), rngs=rngs)
+        self.cls = nnx.Param(jax.random.normal(rngs.params(), (1, 1, 8)))
+        self.pos = nnx.Param(jax.random.normal(rngs.params(), (1, 17, 8)))
+        self.mha = nnx.MultiHeadAttention(num_heads=2, in_features=8, qkv_features=8, decode=False, rngs=rngs)
+        self.fc1 = nnx.Linear(8, 12, rngs=rngs)
+        self.fc2 = nnx.Linear(12, 8, rngs=rngs)
+        self.head = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.patch(x)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        x = jnp.concatenate([jnp.tile(self.cls[...], (x.shape[0], 1, 1)), x], axis=1) + self.pos[...]
+        x = x + self.mha(x)
+        x = x + self.fc2(jax.nn.gelu(self.fc1(x)))
+        return self.head(x[:, 0])
+
+
+def test_a_class_token_tiled_over_the_batch_prunes_and_collapses():
+    model = randomize(TinyViT(rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    found = discover_nnx(model, x)
+    # The residual stream (patch, cls, pos, every writer and reader), the heads and the MLP neurons.
+    assert {n: g.channels for n, g in found.groups.items()} == {"patch": 8, "mha/query": 2, "fc1": 12}
+    assert ("cls", Filter(group="patch")) in found.groups["patch"].members
+    masks = group_masks(found.specs, nnx.state(model, nnx.Param), random_keep(found, np.random.default_rng(2), 0.5))
+    small = collapse(model, masks, found, check=(x,))
+    assert rel_err(masked(model, masks, found)(x), small(x)) < TOL
+    assert small.cls.shape == (1, 1, 4) and small.mha.num_heads == 1 and small.fc1.out_features == 6

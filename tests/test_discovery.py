@@ -522,6 +522,23 @@ def test_attention_heads_are_pruned_whole_never_their_dimension_too():
     assert "mha/value/kernel[axis 2] is an inner output axis" in reasons and "linear.py" in reasons
 
 
+class Tiled(nnx.Module):
+    """A conv's channels tiled twice along the channel axis, then read by a dense layer."""
+
+    def __init__(self):
+        self.conv = nnx.Conv(3, 4, (3, 3), rngs=R)
+        self.fc = nnx.Linear(2 * 4, 2, rngs=R)
+
+    def __call__(self, x):
+        h = jnp.mean(jax.nn.relu(self.conv(x)), axis=(1, 2))
+        return self.fc(jnp.tile(h, (1, 2)))
+
+
+def test_tile_along_the_channels_repeats_them():
+    found = run_case(Tiled(), X)
+    assert flat(found.specs)["fc/kernel"] == Channel(group="conv", repeat=2)
+
+
 class Nested(nnx.Module):
     """ConvBN through jit, remat, a custom_vjp and a cond."""
 

@@ -58,6 +58,9 @@ What each operation does:
   channels (GroupNorm with ``1 < num_groups < C``, NCHW flattening) makes
   them unprunable, because single channels cannot be removed without moving
   group boundaries.
+* ``tile``: an axis tiled ``reps`` times holds ``reps`` copies of its
+  channels (``repeat``); a size-1 axis tiled (a class token over the batch)
+  is a new axis.
 * ``concatenate`` along channels: the spaces are laid end to end, and the
   consumer gets one ``Channel`` per branch with ``offset``/``size``;
   ``slice``/``split`` of channels split the space.

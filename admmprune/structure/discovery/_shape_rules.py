@@ -22,6 +22,23 @@ def _broadcast_in_dim(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[
     return [AVal(shape, tuple(descs), tuple(zero), x.allzero, x.value)]
 
 
+def _tile(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[AVal]:
+    """``jnp.tile``: an axis repeated ``reps`` times holds that many copies of
+    its channels end to end (a ``Lay`` with ``repeat`` times ``reps``); a
+    size-1 axis (a class token tiled over the batch) becomes a new axis."""
+    x = ins[0]
+    descs: list[Desc] = []
+    for d, n, reps in zip(x.descs, x.shape, eqn.params["reps"], strict=True):
+        if reps == 1 or d is None:
+            descs.append(d)
+        elif n == 1:
+            descs.append(None)
+        else:
+            lay = t.materialize(d) if isinstance(d, Slot) else d
+            descs.append(Lay(lay.repeat * reps, lay.segs))
+    return [AVal(t.out_shape(eqn), tuple(descs), x.zero, x.allzero)]
+
+
 def _reshape_blocks(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
     """Groups of source and destination axes (size-1 axes left out) with equal products."""
     a = [i for i, n in enumerate(src) if n != 1]
@@ -269,6 +286,7 @@ def _dynamic_slice(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[AVa
 
 SHAPE_RULES: dict[str, Callable[..., list[AVal]]] = {
     "broadcast_in_dim": _broadcast_in_dim,
+    "tile": _tile,
     "reshape": _reshape,
     "transpose": _transpose,
     "squeeze": _squeeze,
