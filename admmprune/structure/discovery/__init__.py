@@ -184,8 +184,9 @@ def spec_paths(specs: Specs) -> dict[str, Any]:
 
 def _without(spec: Any, groups: set[str]) -> Any:
     """``spec`` without its memberships of ``groups`` (``None`` if nothing is left)."""
-    kept = tuple(m for m in memberships(spec) if m.group not in groups)
-    if len(kept) == len(memberships(spec)):
+    every = memberships(spec)
+    kept = tuple(m for m in every if m.group not in groups)
+    if len(kept) == len(every):
         return spec
     return None if not kept else kept[0] if len(kept) == 1 else Coupled(kept)
 
@@ -251,7 +252,7 @@ def _build(
             specs[index[p]] = spec
     # Built and checked (members agree on the channel count) once, by the core.
     shaped = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
-    channel_groups(specs, shaped)
+    table = {g.name: g for g in channel_groups(specs, shaped)}
     if overrides is not None:
         _check_partial(paths, discovered, specs)
     unprunable = dict(found.unprunable)
@@ -260,8 +261,8 @@ def _build(
         specs = [_without(spec, set(excluded)) for spec in specs]
         for g, reason in excluded.items():
             unprunable[g] = (*unprunable.get(g, ()), reason)
+        table = {g.name: g for g in channel_groups(specs, shaped)}
     groups: dict[str, Group] = {}
-    table = {g.name: g for g in channel_groups(specs, shaped)}
     for name in [g for g in found.group_order if g in table] + sorted(set(table) - set(found.group_order)):
         group = table[name]
         groups[name] = Group(group.channels, tuple((paths[m.leaf], specs[m.leaf]) for m in group.members))
