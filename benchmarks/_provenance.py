@@ -10,6 +10,18 @@ import os
 import platform
 
 
+def cpu() -> str:
+    """The CPU's model name (machines of one kind differ: AVX-512 or not, so float results differ)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def provenance() -> dict:
     """The date, the machine (CPU architecture, cores, OS) and the JAX devices of this process."""
     import jax  # imported here: bench_data_parallel's parent process sets XLA_FLAGS for its children first
@@ -17,6 +29,7 @@ def provenance() -> dict:
     return {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "cpu": cpu(),
         "jax": jax.__version__,
         "devices": f"{jax.devices()[0].platform} x{jax.device_count()}",
         "load_average": round(os.getloadavg()[0], 1),

@@ -369,10 +369,12 @@ def suite(res: dict) -> str:
         first = next(row for row in r["rows"] if row["case"] == summary["case"])
         dense_mean, dense_sd = summary["dense_accuracy"]
         kind = "" if first.get("compression") is None else f", {summary['case'].rsplit('-', 1)[1]} sparsity"
+        kind = ", MACs budget" if summary["case"].endswith("-macs") else kind
         head = (
             f"**{MODEL_NAMES[first['model']]} / {MODEL_NAMES[first['dataset']]}{kind} at ratio {summary['ratio']:g}, "
             f"{summary['budget']} budget** ({summary['epochs_after_dense']} epochs after the dense phase; "
             f"seeds {', '.join(map(str, summary['seeds']))}; dense {_pm(dense_mean, dense_sd)}; "
+            f"{summary.get('cpu', 'CPU not recorded')}; "
             f"wall time {summary['wall_s'] / 60:.0f} min, dense phases {summary['dense_wall_s'] / 60:.0f} min more)"
         )
         rows = []

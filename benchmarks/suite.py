@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 
-from _provenance import write_json
+from _provenance import cpu, write_json
 
 from admmprune import methods, pipeline
 from admmprune.core import schedules
@@ -78,6 +78,15 @@ CASES = {
         "budgets": ("default",),  # its 4 stages do not fit the peer's 4 epochs
     },
     "lenet5-mnist-2:4": {"dense": "lenet5-mnist", "ratio": 0.5, "overrides": ["prune.sparsity=nm"]},
+    # A compute budget: at most 158K of the dense 2,293K MACs (1 - 158/2293 = 0.931), the budget of
+    # Tang et al. 2018's BC-GHS LeNet-5 (1.0% error); the greedy projection chooses the widths (ADMM only).
+    "lenet5-mnist-macs": {
+        "dense": "lenet5-mnist",
+        "ratio": 0.931,
+        "overrides": ["prune.budget=macs"],
+        "budgets": ("default",),  # its 4 stages do not fit the peer's 4 epochs
+        "methods": ("admm",),
+    },
 }
 BUDGETS = ("peer", "default")
 #: Variants of a method, compared like methods: name -> (method, overrides).
@@ -149,8 +158,14 @@ def train_dense(root: str, dense: str, seed: int) -> str:
         print(f"== dense {dense}, seed {seed} ({workdir})", flush=True)
         report = pipeline.run(config_of(dense, seed), workdir, stop_after="dense")
         with open(done, "w") as f:
-            json.dump({"dense": report["dense"], "time": report.get("time")}, f, indent=2)
+            json.dump({"dense": report["dense"], "time": report.get("time"), "cpu": cpu()}, f, indent=2)
     return workdir
+
+
+def dense_cpu(root: str, dense: str, seed: int) -> str:
+    """The CPU a seed's dense model was trained on (its runs ran there too)."""
+    with open(os.path.join(dense_dir(root, dense, seed), "dense.json")) as f:
+        return json.load(f).get("cpu") or cpu()
 
 
 def run_config(root: str, case: str, budget: str, method: str, seed: int):
@@ -228,7 +243,7 @@ def epochs_after_dense(case: str, budget: str) -> int:
 
 
 def key(row: dict) -> tuple:
-    return row["case"], row["budget"], row["method"], row["seed"]
+    return row["case"], row["budget"], row["method"], row["seed"], row["cpu"]
 
 
 def dense_accuracy(root: str, dense: str, seed: int) -> float | None:
@@ -242,18 +257,21 @@ def dense_accuracy(root: str, dense: str, seed: int) -> float | None:
 
 def kept_rows(root: str, path: str) -> list[dict]:
     """The rows of an earlier ``suite.json`` that still hold: today's code
-    gives their run the same fingerprint, and their dense model is the one
-    under ``root`` (same accuracy; a dense model retrained on another machine
-    differs in float rounding, and rows from two dense models do not pair) or
-    there is none there yet."""
+    gives their run the same fingerprint, and either they ran on another CPU
+    (their dense model is that machine's: they pair only with its rows) or
+    their dense model is the one under ``root`` (same accuracy; a dense model
+    retrained differs in float rounding, and rows from two dense models do
+    not pair) or there is none there yet."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
         old = json.load(f).get("rows", [])
     out = []
     for r in old:
+        if r.get("fingerprint") != fingerprint(root, *key(r)[:4]):
+            continue
         here = dense_accuracy(root, CASES[r["case"]]["dense"], r["seed"])
-        if r.get("fingerprint") == fingerprint(root, *key(r)) and here in (None, r["dense_accuracy"]):
+        if r["cpu"] != cpu() or here in (None, r["dense_accuracy"]):
             out.append(r)
     return out
 
@@ -303,57 +321,59 @@ def collect(root: str, previous: list[dict] = ()) -> dict:
                             **_outcome(r),
                             "seconds": r["seconds"],
                             "dense_seconds": dense_seconds(root, spec["dense"], seed),
+                            "cpu": dense_cpu(root, spec["dense"], seed),
                             "fingerprint": fingerprint(root, case, budget, method, seed),
                         }
                     )
     have = {key(r) for r in rows}
     rows += [r for r in previous if key(r) not in have]
-    rows.sort(key=lambda r: (list(CASES).index(r["case"]), BUDGETS.index(r["budget"]), r["method"], r["seed"]))
+    rows.sort(
+        key=lambda r: (list(CASES).index(r["case"]), BUDGETS.index(r["budget"]), r["cpu"], r["method"], r["seed"])
+    )
     summaries = []
-    for case in CASES:
-        for budget in BUDGETS:
-            mine = [r for r in rows if r["case"] == case and r["budget"] == budget]
-            if not mine:
+    # Per CPU too: a seed's dense model differs between machines, so only one machine's runs pair.
+    for case, budget, where in dict.fromkeys((r["case"], r["budget"], r["cpu"]) for r in rows):
+        mine = [r for r in rows if (r["case"], r["budget"], r["cpu"]) == (case, budget, where)]
+        acc = {m: {r["seed"]: r["accuracy"] for r in mine if r["method"] == m} for m in ENTRIES}
+        per_method = []
+        for m, by_seed in acc.items():
+            if not by_seed:
                 continue
-            acc = {m: {r["seed"]: r["accuracy"] for r in mine if r["method"] == m} for m in ENTRIES}
-            per_method = []
-            for m, by_seed in acc.items():
-                if not by_seed:
-                    continue
-                mean, sd = mean_sd(list(by_seed.values()))
-                runs = [r for r in mine if r["method"] == m]
-                per_method.append(
-                    {
-                        "method": m,
-                        "n": len(by_seed),
-                        "mean": mean,
-                        "sd": sd,
-                        "flops_removed": None
-                        if runs[0]["flops_removed"] is None
-                        else statistics.fmean(r["flops_removed"] for r in runs),
-                        "compression": statistics.fmean(r["compression"] for r in runs)
-                        if "compression" in runs[0]
-                        else None,
-                        "admm_minus": None if m == "admm" else paired(acc["admm"], by_seed),
-                        # A variant against the method it varies, paired the same way.
-                        "minus_method": paired(by_seed, acc[VARIANTS[m][0]]) if m in VARIANTS else None,
-                    }
-                )
-            seeds = sorted({r["seed"] for r in mine})
-            dense = {r["seed"]: r.get("dense_seconds", 0.0) for r in mine}.values()
-            summaries.append(
+            mean, sd = mean_sd(list(by_seed.values()))
+            runs = [r for r in mine if r["method"] == m]
+            per_method.append(
                 {
-                    "case": case,
-                    "budget": budget,
-                    "seeds": seeds,
-                    "ratio": CASES[case]["ratio"],
-                    "epochs_after_dense": epochs_after_dense(case, budget),
-                    "dense_accuracy": mean_sd(list({r["seed"]: r["dense_accuracy"] for r in mine}.values())),
-                    "methods": per_method,
-                    "wall_s": sum(r["seconds"] for r in mine),
-                    "dense_wall_s": sum(dense),
+                    "method": m,
+                    "n": len(by_seed),
+                    "mean": mean,
+                    "sd": sd,
+                    "flops_removed": None
+                    if runs[0]["flops_removed"] is None
+                    else statistics.fmean(r["flops_removed"] for r in runs),
+                    "compression": statistics.fmean(r["compression"] for r in runs)
+                    if "compression" in runs[0]
+                    else None,
+                    "admm_minus": None if m == "admm" else paired(acc["admm"], by_seed),
+                    # A variant against the method it varies, paired the same way.
+                    "minus_method": paired(by_seed, acc[VARIANTS[m][0]]) if m in VARIANTS else None,
                 }
             )
+        seeds = sorted({r["seed"] for r in mine})
+        dense = {r["seed"]: r.get("dense_seconds", 0.0) for r in mine}.values()
+        summaries.append(
+            {
+                "case": case,
+                "budget": budget,
+                "cpu": where,
+                "seeds": seeds,
+                "ratio": CASES[case]["ratio"],
+                "epochs_after_dense": epochs_after_dense(case, budget),
+                "dense_accuracy": mean_sd(list({r["seed"]: r["dense_accuracy"] for r in mine}.values())),
+                "methods": per_method,
+                "wall_s": sum(r["seconds"] for r in mine),
+                "dense_wall_s": sum(dense),
+            }
+        )
     return {"rows": rows, "summaries": summaries}
 
 
@@ -392,8 +412,8 @@ def main():
                 previous = kept_rows(args.root, args.out)  # rows of another dense model drop out
                 done = {key(r) for r in previous}
                 for budget in budgets:
-                    for method in args.methods:
-                        if (case, budget, method, seed) in done:
+                    for method in [m for m in args.methods if m in CASES[case].get("methods", ENTRIES)]:
+                        if (case, budget, method, seed, cpu()) in done:
                             continue  # its row in the JSON still holds
                         run_one(args.root, case, budget, method, seed)
                         write()
