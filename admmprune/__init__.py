@@ -114,15 +114,17 @@ def __getattr__(name):
 __version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it
 
 
-def load(path):
+def load(path, like=None):
     """Rebuilds a model saved with ``admmprune.runtime.checkpoint.save_model`` (e.g. a
-    run's collapsed model), from its arrays and architecture metadata.
+    run's collapsed model), from its arrays and architecture metadata; a model
+    that is not admmprune's needs ``like``, the function that builds it (see
+    ``admmprune.runtime.checkpoint.load_model``).
 
     Imported lazily: the core namespace does not import flax or orbax.
     """
     from admmprune.runtime.checkpoint import load_model
 
-    return load_model(path)
+    return load_model(path, like=like)
 
 
 __all__ = [

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
+
 from admmprune._errors import UserError, run_cli
 from admmprune.app import cli
 from admmprune.runtime.export import *  # noqa: F403 - the names users imported from admmprune.export
@@ -38,7 +40,44 @@ def build_parser() -> cli.Parser:
         what="integers like 28,28,1",
         metavar="SHAPE",
     )
+    parser.add_string(
+        "input-dtype", "the input's dtype: float32 (images) or int32 (token ids)", default="float32", metavar="DTYPE"
+    )
+    parser.add_string(
+        "like",
+        "for a model that is not admmprune's: MODULE:FUNCTION, importable from the current directory or "
+        "PYTHONPATH, that builds it with no arguments (its dense constructor if it was collapsed)",
+        metavar="MODULE:FUNCTION",
+    )
+    parser.add_string(
+        "call",
+        "MODULE:FUNCTION taking (model, x) that calls the model, to bind the other arguments of its __call__ "
+        "(default: model(x))",
+        metavar="MODULE:FUNCTION",
+    )
     return parser
+
+
+def _imported(flag: str, name: str):
+    """The function ``MODULE:FUNCTION`` names (given on the command line: the user's own code)."""
+    import importlib
+
+    module, _, attr = name.partition(":")
+    if not module or not attr:
+        raise UserError(f"--{flag} takes MODULE:FUNCTION, e.g. mymodels:build, not {name!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # python -m puts it there; a console script does not
+        sys.path.insert(0, os.getcwd())
+    try:
+        found = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's module may raise anything on import
+        raise UserError(f"--{flag}: cannot import {module} ({type(e).__name__}: {e})") from None
+    for part in attr.split("."):
+        if not hasattr(found, part):
+            raise UserError(f"--{flag}: {module} has no {attr}")
+        found = getattr(found, part)
+    if not callable(found):
+        raise UserError(f"--{flag}: {name} is a {type(found).__name__}, not a function")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.output} exists; choose a new --output")
         from admmprune.runtime.checkpoint import load_model  # heavy imports after argument errors
 
-        data = export_forward(load_model(args.model_dir), args.input_shape)
+        try:
+            dtype = np.dtype(args.input_dtype)
+        except TypeError:
+            raise UserError(f"--input-dtype must be a dtype like float32 or int32, got {args.input_dtype!r}") from None
+        like = None if args.like is None else _imported("like", args.like)
+        call = None if args.call is None else _imported("call", args.call)
+        data = export_forward(load_model(args.model_dir, like=like), args.input_shape, dtype=dtype, call=call)
         tmp = f"{args.output}.tmp-{os.getpid()}"
         try:
             with open(tmp, "wb") as f:

@@ -399,41 +399,91 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
     return detail if len(detail) <= limit else detail[: limit - 3] + "..."
 
 
-def save_model(directory: str | os.PathLike, model: Any) -> None:
-    """Saves a registered NNX model with its architecture, for :func:`load_model`.
+def _class_path(model: Any) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
-    The arrays (parameters and other state, e.g. BatchNorm statistics) go to an
-    orbax checkpoint; the registry name and constructor arguments (the slim
-    widths of a collapsed model included) go to its JSON metadata. No pickle.
-    In a multi-process run, the calling process saves it alone.
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key)
+
+
+def _savable(state: Any) -> Any:
+    """The state with random keys (a Dropout's ``rngs``) as their raw uint32 data: orbax saves plain arrays."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def _unsaved(target: Any) -> Any:
+    """The abstract ``target`` as :func:`_savable` saves it (a key's shape gains its data's trailing axis)."""
+    return jax.tree.map(lambda x: jax.eval_shape(jax.random.key_data, x) if _is_key(x) else x, target)
+
+
+def _key_impls(state: Any) -> dict[str, str]:
+    """The implementation (e.g. ``threefry2x32``) of each random key in ``state``, by path: saved in the metadata."""
+    return {_path(p): str(jax.random.key_impl(x)) for p, x in _flat(state) if _is_key(x)}
+
+
+def _rewrap(arrays: Any, impls: dict[str, str]) -> Any:
+    """Turns the saved raw data of random keys back into keys of their implementation."""
+
+    def one(path, x):
+        impl = impls.get(_path(path))
+        return x if impl is None else jax.random.wrap_key_data(x, impl=impl)
+
+    return jax.tree_util.tree_map_with_path(one, arrays)
+
+
+def save_model(directory: str | os.PathLike, model: Any) -> None:
+    """Saves an NNX model, for :func:`load_model`: its arrays and what rebuilds its architecture.
+
+    The arrays (parameters and other state, e.g. BatchNorm statistics, random
+    keys as their raw data) go to an orbax checkpoint, the rest to its JSON
+    metadata. No pickle. For a model of :mod:`admmprune.models` the metadata
+    holds its registry name and constructor arguments (the slim widths of a
+    collapsed model included), and :func:`load_model` needs nothing else. For
+    any other NNX model (a user's, collapsed or not) it holds the class's
+    import path only as a reminder, and :func:`load_model` needs ``like=``,
+    the user's constructor. In a multi-process run, the calling process
+    saves it alone.
 
     Args:
         directory: A new or empty directory.
-        model: An instance of a class in :mod:`admmprune.models`.
+        model: An ``nnx.Module``.
 
     Raises:
-        UserError: the model's class is not registered, or the directory holds
+        UserError: ``model`` is not an NNX module, or the directory holds
             something else (or is a file).
     """
     from flax import nnx
 
     from admmprune import models
 
+    if not isinstance(model, nnx.Module):
+        raise UserError(
+            f"save_model saves NNX modules, not {type(model).__name__}; a Linen model's params are a pytree: "
+            "save them with orbax (admmprune.runtime.checkpoint.Checkpointer)"
+        )
     directory = os.path.abspath(os.fspath(directory))
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise UserError(f"{directory} is a file; save the model to a new directory")
     if os.path.isdir(directory) and os.listdir(directory):
         raise UserError(f"{directory} is not empty; save the model to a new directory")
-    meta = {"format": _MODEL_FORMAT, "model": models.name_of(model), "config": model.config}
+    if type(model) in map(models.get_class, models.names()):
+        meta = {"format": _MODEL_FORMAT, "model": models.name_of(model), "config": model.config}
+    else:
+        meta = {"format": _MODEL_FORMAT, "model": None, "class": _class_path(model)}
     state = nnx.to_pure_dict(nnx.state(model))
+    meta["random_keys"] = _key_impls(state)
+    state = _savable(state)
     if jax.process_count() > 1:  # only host arrays can be saved by one process of several
         state = jax.tree.map(np.asarray, state)
     with Checkpointer(directory, max_to_keep=1, this_process_only=True) as ckpt:
         ckpt.save(0, state, metadata=meta)
 
 
-def _model_spec(meta: Any, directory: str, where: str) -> tuple[str, dict[str, Any]]:
-    """``(registry name, constructor arguments)`` from a saved model's metadata, checked.
+def _model_spec(meta: Any, directory: str, where: str) -> tuple[str | None, dict[str, Any]]:
+    """``(registry name, constructor arguments)`` from a saved model's metadata, checked
+    (``(None, {})`` for a model that is not admmprune's).
 
     Only looks names up in the model registry: nothing named in ``meta`` is
     imported or called.
@@ -448,6 +498,8 @@ def _model_spec(meta: Any, directory: str, where: str) -> tuple[str, dict[str, A
             f"admmprune.save_model (format {reprlib.repr(meta.get('format'))} in {where}); give a model directory"
         )
     name = meta.get("model")
+    if name is None and "model" in meta:  # a model of the user's: load_model needs like=
+        return None, {}
     if not isinstance(name, str):
         raise UserError(f"{where} is damaged (its 'model' is {reprlib.repr(name)}, not a model name); {_RESAVE}")
     if "config" not in meta:
@@ -497,11 +549,7 @@ class _ModelReader:
         later, at interpreter shutdown. A mismatch found here reads nothing.
         """
         where = os.path.join(self.directory, str(step), _STATE)
-        try:
-            saved = self._manager.item_metadata(step)[_STATE]
-            saved = {_path(p): (tuple(a.shape), np.dtype(a.dtype)) for p, a in _flat(saved.tree)}
-        except Exception as e:  # noqa: BLE001 - as in item(): orbax raises what it meets
-            raise UserError(f"{where} is damaged ({_first_line(e)}); {_RESAVE}") from None
+        saved = self.saved_shapes(step)
         wanted = {_path(p): (tuple(a.shape), np.dtype(a.dtype)) for p, a in _flat(target)}
         for name in sorted(wanted.keys() | saved.keys()):
             if name not in saved:
@@ -514,6 +562,15 @@ class _ModelReader:
             else:
                 continue
             raise UserError(f"{where} {problem}, so it does not fit the model its metadata describes; {_RESAVE}")
+
+    def saved_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Each saved array's ``(shape, dtype)`` by its path (``"blocks/0/kernel"``), from the metadata alone."""
+        try:
+            saved = self._manager.item_metadata(step)[_STATE]
+            return {_path(p): (tuple(a.shape), np.dtype(a.dtype)) for p, a in _flat(saved.tree)}
+        except Exception as e:  # noqa: BLE001 - as in item(): orbax raises what it meets
+            where = os.path.join(self.directory, str(step), _STATE)
+            raise UserError(f"{where} is damaged ({_first_line(e)}); {_RESAVE}") from None
 
     def step(self) -> int:
         try:
@@ -536,23 +593,72 @@ class _ModelReader:
             raise UserError(f"{where} {problem} ({_first_line(e)}); {_RESAVE}") from None
 
 
-def load_model(directory: str | os.PathLike) -> Any:
+def _shaped_like(saved: dict[str, tuple[tuple[int, ...], np.dtype]], target: Any) -> Any:
+    """``target`` (a pure dict of abstract arrays) with each array's shape and dtype as saved
+    (random keys, and paths that were not saved, as they are)."""
+
+    def one(path, t):
+        got = saved.get(_path(path))
+        return t if got is None or _is_key(t) else jax.ShapeDtypeStruct(*got)
+
+    return jax.tree_util.tree_map_with_path(one, target)
+
+
+def _abstract(like: Any, directory: str) -> Any:
+    """The abstract model ``like`` gives: a module, or a function that builds one (run under ``nnx.eval_shape``)."""
+    from flax import nnx
+
+    if isinstance(like, nnx.Module):
+        return like
+    if not callable(like):
+        raise UserError(f"like= takes an NNX module or a function that builds one, not {type(like).__name__}")
+    try:
+        model = nnx.eval_shape(like)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's constructor may raise anything
+        raise UserError(f"like= failed to build the model for {directory} ({_first_line(e)})") from None
+    if not isinstance(model, nnx.Module):
+        raise UserError(f"like= built a {type(model).__name__}, not an NNX module")
+    return model
+
+
+def load_model(directory: str | os.PathLike, like: Any = None) -> Any:
     """Rebuilds a model saved by :func:`save_model`, without rerunning anything.
 
-    The metadata is checked first (:func:`admmprune.models.check_config`):
-    only registered model names and their constructors' own arguments are
-    used; nothing named in the metadata is imported or called. The
-    architecture is built from it with ``nnx.eval_shape`` (no initialization),
-    then filled with the saved arrays. The directory is only read.
+    A model of :mod:`admmprune.models` needs only its directory: its metadata
+    is checked first (:func:`admmprune.models.check_config`), only registered
+    model names and their constructors' own arguments are used, and nothing
+    named in the metadata is imported or called. Any other NNX model needs
+    ``like``, its architecture as the user's code builds it. A collapsed
+    model loads from its *dense* constructor: the saved arrays' shapes give
+    its widths, and its Flax layers' sizes are set from them as
+    :func:`~admmprune.structure.collapse.collapse` sets them
+    (:func:`admmprune.structure.collapse.reshaped`). The architecture is built
+    with ``nnx.eval_shape`` (no initialization), then filled with the saved
+    arrays. The directory is only read.
+
+    Args:
+        directory: what :func:`save_model` wrote.
+        like: for a model that is not admmprune's (or to override the
+            metadata): a function that builds it, called with no arguments,
+            e.g. ``lambda: GPT(config, rngs=nnx.Rngs(0))``, or such a module.
 
     Raises:
-        UserError: the directory does not exist or holds no saved model, or the
-            saved model's files are damaged (the message names the file).
+        UserError: the directory does not exist or holds no saved model, the
+            saved model's files are damaged (the message names the file), a
+            user's model is loaded without ``like``, or the saved arrays do not
+            fit ``like``'s model (the message names the first that does not).
+
+    Examples:
+      >>> save_model("small", collapse(model, masks, found))
+      >>> small = load_model("small", like=lambda: MyModel(rngs=nnx.Rngs(0)))
     """
     _ignore_stray_callbacks()  # orbax's reads of a damaged array may outlive its error
     from flax import nnx
 
     from admmprune import models
+    from admmprune.structure.collapse import reshaped
 
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.exists(directory):
@@ -562,16 +668,38 @@ def load_model(directory: str | os.PathLike) -> Any:
     with _ModelReader(directory) as reader:
         step = reader.step()
         where = os.path.join(directory, str(step), _META)
-        name, config = _model_spec(reader.item(step, _META, ocp.args.JsonRestore()), directory, where)
-        try:
-            abstract = nnx.eval_shape(lambda: models.get(name, **config, rngs=nnx.Rngs(0)))
-        except UserError as e:
-            raise UserError(f"{where} is damaged ({e}); {_RESAVE}") from None
-        except (TypeError, ValueError, OverflowError) as e:  # a value the checked types let through
-            raise UserError(f"{where} is damaged (model {name!r}: {_first_line(e)}); {_RESAVE}") from None
+        meta = reader.item(step, _META, ocp.args.JsonRestore())
+        name, config = _model_spec(meta, directory, where)
+        if like is not None:
+            abstract = _abstract(like, directory)
+            try:
+                shapes = _shaped_like(reader.saved_shapes(step), nnx.to_pure_dict(nnx.state(abstract)))
+                abstract = reshaped(abstract, shapes)
+            except ValueError as e:
+                raise UserError(f"{directory} does not fit the model like= builds ({_first_line(e)})") from None
+        elif name is None:
+            raise UserError(
+                f"{directory} holds a model that is not admmprune's ({meta.get('class', 'a user class')}); "
+                "load it with load_model(directory, like=...), giving the function that builds it "
+                "(its dense constructor if it was collapsed), or on the command line --like MODULE:FUNCTION"
+            )
+        else:
+            try:
+                abstract = nnx.eval_shape(lambda: models.get(name, **config, rngs=nnx.Rngs(0)))
+            except UserError as e:
+                raise UserError(f"{where} is damaged ({e}); {_RESAVE}") from None
+            except (TypeError, ValueError, OverflowError) as e:  # a value the checked types let through
+                raise UserError(f"{where} is damaged (model {name!r}: {_first_line(e)}); {_RESAVE}") from None
         target = nnx.to_pure_dict(nnx.state(abstract))
-        reader.check_arrays(step, target)
-        arrays = reader.item(step, _STATE, ocp.args.StandardRestore(target))
+        reader.check_arrays(step, _unsaved(target))
+        arrays = reader.item(step, _STATE, ocp.args.StandardRestore(_unsaved(target)))
+        impls = meta.get("random_keys") or {}
+        if not isinstance(impls, dict) or not all(isinstance(v, str) for v in impls.values()):
+            raise UserError(f"{where} is damaged (its 'random_keys' is not an object of names); {_RESAVE}")
+        try:
+            arrays = _rewrap(arrays, impls)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{where} is damaged (random keys: {_first_line(e)}); {_RESAVE}") from None
     state = nnx.state(abstract)
     nnx.replace_by_pure_dict(state, arrays)
     nnx.update(abstract, state)

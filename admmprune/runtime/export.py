@@ -12,15 +12,19 @@ size. It runs with plain JAX, without admmprune or flax installed::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from admmprune._errors import UserError
 
 
 def input_shape(model: Any) -> tuple[int, ...]:
-    """One example's input shape, from the model's constructor arguments."""
-    config = model.config
+    """One example's input shape, from the constructor arguments of a model of :mod:`admmprune.models`."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict):
+        raise UserError(f"cannot tell the input shape of {type(model).__name__}; pass --input-shape")
     if "in_shape" in config:
         return tuple(config["in_shape"])
     if "in_features" in config:
@@ -28,12 +32,29 @@ def input_shape(model: Any) -> tuple[int, ...]:
     raise UserError(f"cannot tell the input shape of {type(model).__name__}; pass --input-shape")
 
 
-def export_forward(model: Any, shape: Sequence[int] | None = None) -> bytes:
+def _call(model: Any, x: Any) -> Any:
+    return model(x)
+
+
+def export_forward(
+    model: Any,
+    shape: Sequence[int] | None = None,
+    *,
+    dtype: Any = "float32",
+    call: Callable[[Any, Any], Any] | None = None,
+) -> bytes:
     """Serializes the eval-mode forward pass of ``model`` for a symbolic batch.
 
     Args:
         model: an NNX module; it is not modified (a copy is put in eval mode).
-        shape: one example's input shape; default from :func:`input_shape`.
+        shape: one example's input shape; default from :func:`input_shape`
+            (a model of :mod:`admmprune.models`; give it for any other).
+        dtype: the input's dtype: ``float32`` for images, ``int32`` for token ids.
+        call: how to call the model on the input batch, ``call(model, x)``;
+            default ``model(x)``. Binds what else its ``__call__`` takes, e.g.
+            ``lambda m, x: m(x, deterministic=True)`` or
+            ``lambda m, x: m(x, rngs=None)``. Top-level on the command line
+            (``--call MODULE:FUNCTION``).
 
     Returns:
         The bytes of ``jax.export.Exported.serialize()``.
@@ -46,32 +67,33 @@ def export_forward(model: Any, shape: Sequence[int] | None = None) -> bytes:
     import jax.numpy as jnp
     from flax import nnx
 
+    call = _call if call is None else call
+    dtype = jnp.dtype(dtype)
     if shape is None:
         shape = input_shape(model)
     else:
         shape = tuple(shape)
-        _check_shape(model, shape)
+        _check_shape(model, shape, dtype, call)
     graphdef, state = nnx.split(model)
     copy = nnx.merge(graphdef, state, copy=True)
     copy.eval()
     graphdef, state = nnx.split(copy)
 
     def forward(x):
-        return nnx.merge(graphdef, state)(x)  # the weights become constants
+        return call(nnx.merge(graphdef, state), x)  # the weights become constants
 
     (batch,) = jax.export.symbolic_shape("batch")
-    spec = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
+    spec = jax.ShapeDtypeStruct((batch, *shape), dtype)
     return bytes(jax.export.export(jax.jit(forward))(spec).serialize())
 
 
-def _check_shape(model: Any, shape: tuple[int, ...]) -> None:
+def _check_shape(model: Any, shape: tuple[int, ...], dtype: Any = np.float32, call: Callable = _call) -> None:
     """Traces one example of ``shape`` through ``model`` (shapes only) before the export does.
 
     Raises:
         UserError: a dimension is not positive, or the model fails on the shape.
     """
     import jax
-    import numpy as np
     from flax import nnx
 
     name = type(model).__name__
@@ -87,14 +109,20 @@ def _check_shape(model: Any, shape: tuple[int, ...]) -> None:
     def forward(x):
         copy = nnx.merge(graphdef, state, copy=True)
         copy.eval()
-        return copy(x)
+        return call(copy, x)
 
     try:
-        jax.eval_shape(forward, jax.ShapeDtypeStruct((1, *shape), np.float32))
+        jax.eval_shape(forward, jax.ShapeDtypeStruct((1, *shape), dtype))
     except Exception as e:  # noqa: BLE001 - whatever the model raises on a shape it cannot take
+        if expected:
+            raise UserError(
+                f"{takes}, not {','.join(map(str, shape))} ({type(e).__name__}); pass --input-shape {expected}"
+            ) from None
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise UserError(
-            f"{takes}, not {','.join(map(str, shape))} ({type(e).__name__}); "
-            f"pass {'--input-shape ' + expected if expected else 'the shape it was trained on'}"
+            f"{name} fails on a batch of shape {','.join(map(str, shape))} {np.dtype(dtype).name} "
+            f"({type(e).__name__}{': ' + detail if detail else ''}); give the shape and dtype it takes "
+            "(--input-shape, --input-dtype) and bind the other arguments of its __call__ (--call)"
         ) from None
 
 

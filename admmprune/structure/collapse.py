@@ -421,10 +421,31 @@ def _set_sizes(old: nnx.Module, new: nnx.Module, where: str) -> None:
         raise ValueError(f"{where}: collapsing {type(new).__name__} is not supported")
 
 
-def _restructure(model: nnx.Module, graphdef: Any, params: Any, rest: Any) -> nnx.Module:
+def _restructure(model: nnx.Module, params: Any, rest: Any) -> nnx.Module:
     """An abstract copy of ``model``'s structure with the new variable shapes and layer sizes."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), (params, rest))
-    target = nnx.merge(graphdef, *abstract)
+    return reshaped(model, nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+
+
+def reshaped(model: nnx.Module, *shapes: Any) -> nnx.Module:
+    """An abstract copy of ``model`` whose variables have the shapes in ``shapes``, its layers' sizes set to match.
+
+    How a collapsed model is rebuilt without a constructor that knows its
+    widths: ``model`` is the original (abstract is fine, e.g. from
+    ``nnx.eval_shape``), each of ``shapes`` a pure dict like ``nnx.to_pure_dict(nnx.state(model))``
+    holding arrays or ``jax.ShapeDtypeStruct`` of the collapsed shapes (e.g.
+    the arrays of a saved collapsed model). Each Flax layer's size attributes
+    (``in_features``, ``num_heads``, ...) are set from its variables as
+    :func:`collapse` sets them. Paths ``shapes`` lacks keep ``model``'s shapes.
+
+    Raises:
+      ValueError: a layer cannot take the shapes (see :func:`collapse`).
+    """
+    graphdef, state = nnx.split(model)
+    struct = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)  # noqa: E731
+    nnx.replace_by_pure_dict(state, jax.tree.map(struct, nnx.to_pure_dict(state)))
+    for tree in shapes:
+        nnx.replace_by_pure_dict(state, jax.tree.map(struct, tree))
+    target = nnx.merge(graphdef, state)
     olds = _modules(model)
     for path, new in _modules(target).items():
         _set_sizes(olds[path], new, "/".join(map(str, path)) or type(new).__name__)
@@ -493,7 +514,7 @@ def collapse(
     if rebuild and name is None:
         raise ValueError(f"{type(model).__name__} is not a registered model with config, widths and width layers")
 
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
     alive = alive_channels(specs, masks)
     removable = removable_groups(model, specs, params) if name is not None else set()
     kept = {}
@@ -518,7 +539,7 @@ def collapse(
         # A removed branch's variables are empty, and the rebuilt model has none there.
         params, rest = (_drop_empty(s, target) for s in (params, rest))
     else:
-        target = _restructure(model, graphdef, params, rest)
+        target = _restructure(model, params, rest)
         how = f"copied from {type(model).__name__}"
     _check_shapes(target, (params, rest), how)
     nnx.update(target, params, rest)
@@ -553,4 +574,12 @@ def _check_equal(reference: nnx.Module, collapsed: nnx.Module, args: tuple, rtol
         )
 
 
-__all__ = ["alive_channels", "collapse", "consistent_masks", "masked", "removable_groups", "slice_channels"]
+__all__ = [
+    "alive_channels",
+    "collapse",
+    "consistent_masks",
+    "masked",
+    "removable_groups",
+    "reshaped",
+    "slice_channels",
+]
