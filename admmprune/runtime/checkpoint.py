@@ -604,6 +604,18 @@ def _shaped_like(saved: dict[str, tuple[tuple[int, ...], np.dtype]], target: Any
     return jax.tree_util.tree_map_with_path(one, target)
 
 
+def _reshaped(abstract: Any, reader: _ModelReader, step: int, what: str) -> Any:
+    """``abstract`` with the saved arrays' shapes (a collapsed model's widths; see :func:`load_model`)."""
+    from flax import nnx
+
+    from admmprune.structure.collapse import reshaped
+
+    try:
+        return reshaped(abstract, _shaped_like(reader.saved_shapes(step), nnx.to_pure_dict(nnx.state(abstract))))
+    except ValueError as e:
+        raise UserError(f"{reader.directory} does not fit {what} ({_first_line(e)})") from None
+
+
 def _abstract(like: Any, directory: str) -> Any:
     """The abstract model ``like`` gives: a module, or a function that builds one (run under ``nnx.eval_shape``)."""
     from flax import nnx
@@ -658,7 +670,6 @@ def load_model(directory: str | os.PathLike, like: Any = None) -> Any:
     from flax import nnx
 
     from admmprune import models
-    from admmprune.structure.collapse import reshaped
 
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.exists(directory):
@@ -671,12 +682,7 @@ def load_model(directory: str | os.PathLike, like: Any = None) -> Any:
         meta = reader.item(step, _META, ocp.args.JsonRestore())
         name, config = _model_spec(meta, directory, where)
         if like is not None:
-            abstract = _abstract(like, directory)
-            try:
-                shapes = _shaped_like(reader.saved_shapes(step), nnx.to_pure_dict(nnx.state(abstract)))
-                abstract = reshaped(abstract, shapes)
-            except ValueError as e:
-                raise UserError(f"{directory} does not fit the model like= builds ({_first_line(e)})") from None
+            abstract = _reshaped(_abstract(like, directory), reader, step, "the model like= builds")
         elif name is None:
             raise UserError(
                 f"{directory} holds a model that is not admmprune's ({meta.get('class', 'a user class')}); "
@@ -690,6 +696,8 @@ def load_model(directory: str | os.PathLike, like: Any = None) -> Any:
                 raise UserError(f"{where} is damaged ({e}); {_RESAVE}") from None
             except (TypeError, ValueError, OverflowError) as e:  # a value the checked types let through
                 raise UserError(f"{where} is damaged (model {name!r}: {_first_line(e)}); {_RESAVE}") from None
+            if not hasattr(abstract, "widths_arg"):  # its config holds the dense widths (say, a transformer's heads)
+                abstract = _reshaped(abstract, reader, step, f"{name} as its metadata describes it")
         target = nnx.to_pure_dict(nnx.state(abstract))
         reader.check_arrays(step, _unsaved(target))
         arrays = reader.item(step, _STATE, ocp.args.StandardRestore(_unsaved(target)))
