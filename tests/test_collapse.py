@@ -654,3 +654,35 @@ def test_a_class_token_tiled_over_the_batch_prunes_and_collapses():
     small = collapse(model, masks, found, check=(x,))
     assert rel_err(masked(model, masks, found)(x), small(x)) < TOL
     assert small.cls.shape == (1, 1, 4) and small.mha.num_heads == 1 and small.fc1.out_features == 6
+
+
+class EinsumAttention(nnx.Module):
+    """Attention written with ``nnx.Einsum`` as Gemma writes it (heads as a kernel axis), and an Einsum MLP."""
+
+    def __init__(self, *, rngs):
+        self.embed = nnx.Linear(3, 8, rngs=rngs)
+        self.q, self.k, self.v = (nnx.Einsum("BTD,DNH->BTNH", (8, 4, 2), (4, 2), rngs=rngs) for _ in range(3))
+        self.attn_vec = nnx.Einsum("BTNH,NHD->BTD", (4, 2, 8), (8,), rngs=rngs)
+        self.up = nnx.Einsum("BTD,DF->BTF", (8, 12), (12,), rngs=rngs)
+        self.down = nnx.Einsum("BTF,FD->BTD", (12, 8), (8,), rngs=rngs)
+        self.head = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.embed(x.reshape(x.shape[0], -1, x.shape[-1]))
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        weights = jax.nn.softmax(jnp.einsum("BTNH,BSNH->BNTS", q, k) / math.sqrt(2.0))
+        x = x + self.attn_vec(jnp.einsum("BNTS,BSNH->BTNH", weights, v))
+        return self.head(x + self.down(jax.nn.gelu(self.up(x))))
+
+
+def test_einsum_attention_loses_whole_heads_and_mlp_neurons_exactly():
+    model = randomize(EinsumAttention(rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    found = discover_nnx(model, x)
+    assert {"q", "up"} <= set(found.groups) and found.groups["q"].channels == 4
+    masks = group_masks(found.specs, nnx.state(model, nnx.Param), random_keep(found, np.random.default_rng(3), 0.5))
+    small = collapse(model, masks, found, check=(x,))
+    assert rel_err(masked(model, masks, found)(x), small(x)) < TOL
+    assert small.q.kernel.shape == small.q.kernel_shape == (4, 2, 2) and small.q.bias_shape == (2, 2)
+    assert small.attn_vec.kernel_shape == (2, 2, 4) and small.up.kernel_shape == (4, 6)
+    assert jax.jit(lambda m, x: m(x))(small, x).shape == (2, 16, 2)
