@@ -20,6 +20,7 @@ perturbation, of *kept* entries, must change the output: the check is not
 vacuous.
 """
 
+import functools
 import re
 
 import flax.linen as nn
@@ -591,6 +592,32 @@ def test_linen_apply_function():
     check_dead(model.apply, randomize(variables), found.specs, X)
     # ADMM takes the params part.
     ap.hard_prune(variables["params"], found.specs["params"], 0.5)
+
+
+class LinenSyncBN(nn.Module):
+    """BatchNorm that averages its batch statistics across devices (``axis_name``), as data-parallel Linen code does."""
+
+    @nn.compact
+    def __call__(self, x, train):
+        x = nn.Conv(6, (3, 3))(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, axis_name="batch")(x))
+        return nn.Dense(3)(x.mean((1, 2)))
+
+
+def test_linen_batchnorm_with_an_axis_name_is_followed_in_training_mode():
+    model = LinenSyncBN()
+    variables = model.init(jax.random.key(0), X, train=False)
+
+    def train_apply(v, x):  # the predictions only: the updated statistics would count as outputs
+        return model.apply(v, x, train=True, mutable=["batch_stats"])[0]
+
+    found = discover(train_apply, variables, X)  # its pmean over "batch" has no device axis here
+    assert found.specs == discover(functools.partial(model.apply, train=False), variables, X).specs
+    assert flat(found.specs)["params/BatchNorm_0/scale"] == Filter(group="params/Conv_0")
+    # Under a real named axis (vmap over devices' batches) the same function runs and masks alike.
+    small, masks = ap.hard_prune(variables["params"], found.specs["params"], 0.5)
+    out = jax.vmap(train_apply, in_axes=(None, 0), axis_name="batch")({**variables, "params": small}, X[None])
+    assert out.shape == (1, X.shape[0], 3) and np.isfinite(out).all()
 
 
 # --- what cannot be followed ---------------------------------------------------------

@@ -3,6 +3,7 @@ reads every parameter's spec, the group names and the reasons off the records.""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -27,6 +28,9 @@ class Found(NamedTuple):
     notes: tuple[str, ...]
 
 
+_UNBOUND = re.compile(r"unbound axis name: ([^\s.,;:]+)")
+
+
 def analyze(
     fn: Callable[..., Any],
     trees: Sequence[Params],
@@ -45,8 +49,20 @@ def analyze(
         leaves_with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
         flats.append([leaf for _, leaf in leaves_with_path])
         paths.extend(path_str(p) for p, _ in leaves_with_path)
-    with reference_forms():  # the zoo layers as the lax ops the rules read
-        closed = jax.make_jaxpr(lambda *a: fn(*a))(*trees, *args)  # a new function: no cached trace
+    axis_env: list[tuple[str, int]] = []
+    while True:
+        try:
+            with reference_forms():  # the zoo layers as the lax ops the rules read
+                # A new function each time: no cached trace.
+                closed = jax.make_jaxpr(lambda *a: fn(*a), axis_env=axis_env)(*trees, *args)
+            break
+        except NameError as e:
+            # A collective over a named axis (Linen BatchNorm(axis_name="batch") in training mode):
+            # trace it as on one device of that axis, where it changes nothing.
+            name = _UNBOUND.search(str(e))
+            if name is None or name[1] in dict(axis_env):
+                raise
+            axis_env.append((name[1], 1))
     jaxpr = closed.jaxpr
     t = Tracer(paths, approximate=approximate)
     in_avals = []

@@ -106,6 +106,14 @@ def _passthrough(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[AVal]
     return list(ins)
 
 
+def _collective(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[AVal]:
+    """A sum, max or min across devices of a named axis (``psum``: BatchNorm's ``pmean`` over its
+    ``axis_name``): each channel stays itself, and a channel zero on every device stays zero."""
+    if any(not isinstance(a, str) for a in eqn.params.get("axes", ())):
+        return t.unsupported(eqn, ins, site)  # it also reduces positional axes
+    return _passthrough(t, eqn, ins, site)
+
+
 def _free(t: Records, a: AVal, ax: int) -> Desc:
     """A kernel's output axis: its parameter's space, created on first use."""
     d = a.descs[ax]
@@ -298,6 +306,9 @@ RULES: dict[str, Callable[..., list[AVal]]] = {
     "min": _elementwise,
     "device_put": _passthrough,
     "optimization_barrier": _passthrough,
+    "psum": _collective,
+    "pmax": _collective,
+    "pmin": _collective,
     **SHAPE_RULES,
 }
 GROUP_RULES = (

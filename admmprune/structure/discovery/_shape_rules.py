@@ -242,6 +242,25 @@ def _concatenate(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[AVal]
     return [AVal(shape, tuple(descs), zero, all(a.allzero for a in ins))]
 
 
+def _stack(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[AVal]:
+    """``jnp.stack``: operands of one shape along a new axis; each of their axes keeps its channels,
+    the same in every operand (flax's BatchNorm stacks a mean and a mean of squares)."""
+    shape, new = t.out_shape(eqn), eqn.params["axis"]
+    if any(a.shape != ins[0].shape for a in ins):
+        return t.unsupported(eqn, ins, site)
+    descs: list[Desc] = []
+    for ax in range(len(ins[0].shape)):
+        d = None
+        for a in ins:
+            d = t.unify(d, a.descs[ax], site)
+        descs.append(d)
+    zero = [all(a.zero[ax] for a in ins) for ax in range(len(ins[0].shape))]
+    allzero = all(a.allzero for a in ins)
+    descs.insert(new, None)
+    zero.insert(new, allzero)
+    return [AVal(shape, tuple(descs), tuple(zero), allzero)]
+
+
 def _gather(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[AVal]:
     """Indexing along some axes: whole slices of the other axes pass through.
 
@@ -285,6 +304,7 @@ def _dynamic_slice(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[AVa
 
 
 SHAPE_RULES: dict[str, Callable[..., list[AVal]]] = {
+    "stack": _stack,
     "broadcast_in_dim": _broadcast_in_dim,
     "tile": _tile,
     "reshape": _reshape,
