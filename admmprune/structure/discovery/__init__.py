@@ -288,7 +288,10 @@ def discover(
       fn: a pure function of the parameters and the inputs, in evaluation mode
         (so that BatchNorm reads its running statistics), e.g. a Linen
         ``model.apply`` with ``use_running_average=True``, or ``lambda p, x:
-        nnx.merge(graphdef, p, state)(x)``. Everything it returns counts as
+        nnx.merge(graphdef, p, state)(x)``. Training mode works too, with
+        the predictions returned alone; a collective over a named axis (Linen
+        ``BatchNorm(axis_name="batch")``) is traced as on one device of that
+        axis, where it changes no channel. Everything it returns counts as
         output, whose channels are never pruned: return predictions only, not
         updated state. Arrays it captures instead of taking them in ``params``
         are constants; channels they act on are not pruned, because they
