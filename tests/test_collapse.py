@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import admmprune as ap
 from admmprune import UserError, models, path_str
-from admmprune.collapse import alive_channels, collapse, consistent_masks, masked, slice_channels
+from admmprune.collapse import alive_channels, collapse, collapse_linen, consistent_masks, masked, slice_channels
 from admmprune.discovery import discover, discover_nnx
 from admmprune.projections import coupled_groups, expand_groups, num_kept
 from admmprune.sparsity import Coupled, Filter, is_spec
@@ -686,3 +686,30 @@ def test_einsum_attention_loses_whole_heads_and_mlp_neurons_exactly():
     assert small.q.kernel.shape == small.q.kernel_shape == (4, 2, 2) and small.q.bias_shape == (2, 2)
     assert small.attn_vec.kernel_shape == (2, 2, 4) and small.up.kernel_shape == (4, 6)
     assert jax.jit(lambda m, x: m(x))(small, x).shape == (2, 16, 2)
+
+
+def test_collapse_linen_rebuilds_from_the_kept_widths_and_checks_the_function():
+    x = jax.random.normal(jax.random.key(1), (4, 6, 6, 2))
+    model = _LinenNet()
+    variables = model.init(jax.random.key(0), x)
+    stats = jax.tree.map(lambda v: v + 0.5, variables["batch_stats"])  # away from 0/1
+    variables = {**variables, "batch_stats": stats}
+    found = discover(model.apply, variables, x)
+    params, masks = ap.hard_prune(variables["params"], found.specs["params"], 0.5)
+    order = ("params/Conv_0", "params/Conv_2", "params/Conv_3", "params/Conv_4")
+    small, small_vars = collapse_linen(
+        model, {**variables, "params": params}, masks, found, lambda w: _LinenNet(widths=tuple(w[g] for g in order)), x
+    )
+    assert small.widths == (4, 3, 3, 4)
+    masked_out = model.apply({**variables, "params": params}, x)  # hard_prune's weights are zero where masked
+    assert rel_err(masked_out, small.apply(small_vars, x)) < TOL
+    # A rebuild that gets the widths wrong is refused, naming the variables that do not fit.
+    with pytest.raises(ValueError, match=r"rebuild\(widths\) built a _LinenNet whose variables do not fit"):
+        collapse_linen(model, variables, masks, found, lambda w: _LinenNet(widths=(4, 4, 3, 4)), x)
+
+    class Swapped(_LinenNet):  # the right shapes, another function
+        def __call__(self, x):
+            return super().__call__(-x)
+
+    with pytest.raises(ValueError, match="computes another function"):
+        collapse_linen(model, variables, masks, found, lambda w: Swapped(widths=tuple(w[g] for g in order)), x)

@@ -60,7 +60,7 @@ the host, outside ``jit``: it changes shapes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -557,9 +557,14 @@ def _check_equal(reference: nnx.Module, collapsed: nnx.Module, args: tuple, rtol
     for m in (reference, collapsed):
         m = nnx.merge(*nnx.split(m), copy=True)
         m.eval()
-        outputs.append(jax.tree.leaves(m(*args)))
+        outputs.append(m(*args))
+    _check_close(*outputs, rtol)
+
+
+def _check_close(reference: Any, collapsed: Any, rtol: float) -> None:
+    """Raises unless the output trees agree within ``rtol`` of the reference's largest magnitude."""
     worst, scale = 0.0, 0.0
-    for a, b in zip(*outputs, strict=True):
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(collapsed), strict=True):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         if a.shape != b.shape:
             raise ValueError(f"the collapsed model's output has shape {b.shape}, the masked model's {a.shape}")
@@ -576,9 +581,88 @@ def _check_equal(reference: nnx.Module, collapsed: nnx.Module, args: tuple, rtol
         )
 
 
+def collapse_linen(
+    model: Any,
+    variables: Any,
+    masks: Masks,
+    specs: Specs | Discovery,
+    rebuild: Callable[[dict[str, int]], Any],
+    *example: Any,
+    rtol: float = 1e-5,
+) -> tuple[Any, Any]:
+    """A smaller Linen model and its variables, checked equal to the masked model.
+
+    Linen modules are descriptions whose widths are constructor attributes,
+    so admmprune cannot resize them itself: ``rebuild`` does, from the kept
+    widths. The pruned channels are cut out of ``variables`` (every
+    collection: BatchNorm statistics too) with :func:`slice_channels`, the
+    variables of ``rebuild``'s module are compared with them (shapes, from
+    ``init`` under ``jax.eval_shape``), and both models are run on
+    ``example``: nothing is returned unless they compute the same function.
+
+    Args:
+      model: the Linen module as trained (``model.apply(variables, *example)``
+        runs it; bind other arguments with a module attribute or
+        ``functools.partial`` in ``rebuild``'s result).
+      variables: its variables dict (``{"params": ..., "batch_stats": ...}``),
+        pruned or not: ``masks`` are applied here.
+      masks: masks shaped like ``variables["params"]`` (``None`` =
+        unmasked), e.g. from :func:`admmprune.hard_prune`.
+      specs: the spec tree of the whole variables dict, or its
+        :class:`Discovery` (``discover(model.apply, variables, x)``).
+      rebuild: ``rebuild(widths)`` returns the smaller module; ``widths`` is
+        ``{group: kept channels}`` for every group (e.g.
+        ``{"params/Conv_0": 4, ...}``). A group that keeps nothing keeps one
+        zeroed channel, as in :func:`collapse`.
+      *example: inputs of ``model.apply``, on which both models must agree.
+      rtol: the tolerance of that check, as in :func:`collapse`.
+
+    Returns:
+      ``(small_model, small_variables)``.
+
+    Raises:
+      ValueError: ``rebuild``'s module has variables of other shapes (the
+        message names them) or computes another function.
+
+    Examples:
+      >>> found = discover(model.apply, variables, x)
+      >>> params, masks = admmprune.hard_prune(variables["params"], found.specs["params"], 0.5)
+      >>> small, small_vars = collapse_linen(
+      ...     model, {**variables, "params": params}, masks, found,
+      ...     lambda w: Net(widths=(w["params/Conv_0"], w["params/Conv_1"])), x)
+    """
+    specs, _ = _split_specs(specs, None)
+    kept = {}
+    for group, a in alive_channels(specs["params"], masks).items():
+        if not a.any():
+            a = a.copy()
+            a[0] = True
+        kept[group] = a
+    masked_vars = {**variables, "params": _zeroed(variables["params"], specs["params"], masks)}
+    small_vars = slice_channels(masked_vars, specs, kept)
+    groups = channel_groups(specs["params"])
+    widths = {g.name: int(kept[g.name].sum()) if g.name in kept else g.channels for g in groups}
+    small = rebuild(widths)
+    built = jax.eval_shape(small.init, jax.random.key(0), *example)
+    got, want = _shapes(built), _shapes(small_vars)
+    problems = [
+        f"{p}: built {got.get(p)}, collapsed {want.get(p)}"
+        for p in sorted(set(got) | set(want))
+        if got.get(p) != want.get(p)
+    ]
+    if problems:
+        raise ValueError(
+            f"rebuild(widths) built a {type(small).__name__} whose variables do not fit the collapsed ones "
+            f"(widths {widths}):\n  " + "\n  ".join(problems[:10])
+        )
+    _check_close(model.apply(masked_vars, *example), small.apply(small_vars, *example), rtol)
+    return small, small_vars
+
+
 __all__ = [
     "alive_channels",
     "collapse",
+    "collapse_linen",
     "consistent_masks",
     "masked",
     "removable_groups",
