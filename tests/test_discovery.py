@@ -620,6 +620,27 @@ def test_linen_batchnorm_with_an_axis_name_is_followed_in_training_mode():
     assert out.shape == (1, X.shape[0], 3) and np.isfinite(out).all()
 
 
+class Resharded(nnx.Module):
+    """A model written for an explicit-axes mesh: activations resharded between layers."""
+
+    def __init__(self):
+        self.conv1 = nnx.Conv(3, 4, (3, 3), rngs=R)
+        self.conv2 = nnx.Conv(4, 2, (3, 3), rngs=R)
+
+    def __call__(self, x):
+        x = jax.sharding.reshard(jax.nn.relu(self.conv1(x)), jax.P("data"))
+        return self.conv2(jax.lax.with_sharding_constraint(x, jax.P("data")))
+
+
+def test_reshard_and_sharding_constraints_pass_channels_through():
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+        model = Resharded()
+        x = jax.device_put(X, jax.P("data"))
+        found = discover_nnx(model, x, strict=True)
+    assert list(found.groups) == ["conv1"] and found.groups["conv1"].channels == 4
+
+
 # --- what cannot be followed ---------------------------------------------------------
 
 

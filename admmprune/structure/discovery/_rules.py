@@ -100,7 +100,7 @@ def _elementwise(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[AVal]
 
 
 def _passthrough(t: Records, eqn: Any, ins: list[AVal], site: str) -> list[AVal]:
-    """One output per input, unchanged (``optimization_barrier``, ``device_put``)."""
+    """One output per input, unchanged (``optimization_barrier``, ``device_put``, ``reshard``)."""
     if len(ins) != len(eqn.outvars):
         return t.unsupported(eqn, ins, site)
     return list(ins)
@@ -306,6 +306,10 @@ RULES: dict[str, Callable[..., list[AVal]]] = {
     "min": _elementwise,
     "device_put": _passthrough,
     "optimization_barrier": _passthrough,
+    # Sharding annotations (explicit-axes meshes): the values are unchanged.
+    "reshard": _passthrough,
+    "sharding_constraint": _passthrough,
+    "mesh_cast": _passthrough,
     "psum": _collective,
     "pmax": _collective,
     "pmin": _collective,
