@@ -713,3 +713,98 @@ def test_collapse_linen_rebuilds_from_the_kept_widths_and_checks_the_function():
 
     with pytest.raises(ValueError, match="computes another function"):
         collapse_linen(model, variables, masks, found, lambda w: Swapped(widths=tuple(w[g] for g in order)), x)
+
+
+# --- random transformers --------------------------------------------------------------
+
+
+def _norm(kind, dim, rngs):
+    return {"layer": nnx.LayerNorm, "rms": nnx.RMSNorm}[kind](dim, rngs=rngs) if kind != "none" else None
+
+
+class RandomBlock(nnx.Module):
+    """A pre-norm block: attention (``nnx.MultiHeadAttention`` or Einsum kernels with a heads axis) and an MLP."""
+
+    def __init__(self, dim, heads, head_dim, hidden, mlp, attention, *, norm, rngs):
+        self.norm1, self.norm2 = _norm(norm, dim, rngs), _norm(norm, dim, rngs)
+        self.attention, self.mlp = attention, mlp
+        if attention == "mha":
+            self.attn = nnx.MultiHeadAttention(
+                num_heads=heads, in_features=dim, qkv_features=heads * head_dim, decode=False, rngs=rngs
+            )
+        else:
+            self.q, self.k, self.v = (nnx.Einsum("BTD,DNH->BTNH", (dim, heads, head_dim), rngs=rngs) for _ in range(3))
+            self.o = nnx.Einsum("BTNH,NHD->BTD", (heads, head_dim, dim), (dim,), rngs=rngs)
+            self.scale = 1 / math.sqrt(head_dim)  # a constant, not read off a pruned shape
+        self.up = nnx.Linear(dim, hidden, rngs=rngs)
+        self.gate = nnx.Linear(dim, hidden, use_bias=False, rngs=rngs) if mlp == "swiglu" else None
+        self.down = nnx.Linear(hidden, dim, rngs=rngs)
+
+    def __call__(self, x):
+        h = x if self.norm1 is None else self.norm1(x)
+        if self.attention == "mha":
+            h = self.attn(h)
+        else:
+            q, k, v = self.q(h), self.k(h), self.v(h)
+            w = jax.nn.softmax(jnp.einsum("BTNH,BSNH->BNTS", q * self.scale, k), axis=-1)
+            h = self.o(jnp.einsum("BNTS,BSNH->BTNH", w, v))
+        x = x + h
+        h = x if self.norm2 is None else self.norm2(x)
+        h = jax.nn.silu(self.gate(h)) * self.up(h) if self.mlp == "swiglu" else jax.nn.gelu(self.up(h))
+        return x + self.down(h)
+
+
+class RandomTransformer(nnx.Module):
+    def __init__(self, dim, blocks, norm, *, rngs):
+        self.embed = nnx.Linear(3, dim, rngs=rngs)
+        self.blocks = nnx.List([RandomBlock(dim, *b, norm=norm, rngs=rngs) for b in blocks])
+        self.norm = _norm(norm, dim, rngs)
+        self.head = nnx.Linear(dim, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x if self.norm is None else self.norm(x))
+
+
+block_plans = st.tuples(
+    st.sampled_from([1, 2, 4]),  # heads
+    st.integers(1, 3),  # head_dim
+    st.integers(2, 6),  # MLP hidden
+    st.sampled_from(["gelu", "swiglu"]),
+    st.sampled_from(["mha", "einsum"]),
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dim=st.integers(4, 8),
+    blocks=st.lists(block_plans, min_size=1, max_size=2),
+    norm=st.sampled_from(["layer", "rms", "none"]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_transformers_collapse_to_the_masked_model(dim, blocks, norm, seed):
+    """Whole heads and MLP neurons, and the residual stream only where no norm averages over it."""
+    rng = np.random.default_rng(seed)
+    model = abstract_random(lambda: RandomTransformer(dim, blocks, norm, rngs=nnx.Rngs(0)), seed)
+    x = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)
+    found = discover_nnx(model, x)
+    for i, (heads, *_, attention) in enumerate(blocks):
+        attn = f"blocks/{i}/attn/query" if attention == "mha" else f"blocks/{i}/q"
+        assert heads == 1 or found.groups[attn].channels == heads, found.report()  # heads, not their dims
+        up = [
+            g
+            for n, g in found.groups.items()
+            for path, spec in g.members
+            if path == f"blocks/{i}/up/kernel"
+            and Filter(group=n) in (spec.specs if isinstance(spec, Coupled) else (spec,))
+        ]
+        assert len(up) == 1 and up[0].channels == blocks[i][2], found.report()  # gate and up together
+    assert ("embed" in found.groups) == (norm == "none"), found.report()
+    if norm != "none":
+        assert "reduce_sum" in " ".join(found.unprunable["embed"])
+    masks = group_masks(found.specs, nnx.state(model, nnx.Param), random_keep(found, rng))
+    small = collapse(model, masks, found, check=(x,))
+    assert n_params(small) <= n_params(model)
+    assert rel_err(masked(model, masks, found)(x), small(x)) < TOL

@@ -143,6 +143,19 @@ def _one_output_axis(t: Records, a: AVal, free: list[int], site: str) -> None:
     part of every other head, and attention's scale, which models compute
     from the per-head dimension, stays what it was."""
     kernel_axes = [i for i in free if isinstance(a.descs[i], Slot)]
+    if not kernel_axes:
+        return
+    outer = [i for i in free if i < kernel_axes[0] and a.shape[i] == 1]
+    if outer:  # a single head, (in, 1, head_dim): its dimension is as inner as with several
+        for i in kernel_axes:
+            t.poison(
+                _free(t, a, i),
+                BOUNDARY,
+                f"{site}: {t.slot_name(a.descs[i])} is an inner output axis of a kernel whose outer output axis "
+                f"{outer[0]} has size 1 (e.g. the per-head dimension of a single head, from which attention's "
+                "scale is computed)",
+            )
+        return
     if len(kernel_axes) > 1:
         _free(t, a, kernel_axes[0])  # named after the layer first
     for i in kernel_axes[1:]:
