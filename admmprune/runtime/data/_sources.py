@@ -87,21 +87,54 @@ def _prepared_builder(name: str, data_dir: str):
 class DatasetInfo(NamedTuple):
     """What a model and a report need to know about a prepared dataset.
 
+    A dataset is either of images with class labels or of token windows
+    (``shakespeare_chars``): examples of ``seq_len + 1`` token ids, of which a
+    model reads the first ``seq_len`` and predicts each next one.
+
     Attributes:
         name: The tfds name of the dataset.
-        num_classes: Number of classes of the ``label`` feature.
-        image_shape: ``(height, width, channels)`` of the ``image`` feature.
+        num_classes: Number of classes of the ``label`` feature; of a token
+            dataset, the vocabulary size.
+        image_shape: ``(height, width, channels)`` of the ``image`` feature; of
+            a token dataset, ``(seq_len,)``: the shape of one model input.
         splits: Number of examples in each split.
-        mean: Per-channel mean of the pixels scaled to [0, 1], or None if unknown.
-        std: Per-channel standard deviation, or None if unknown.
+        mean: Per-channel mean of the pixels scaled to [0, 1], or None if unknown
+            (and for tokens).
+        std: Per-channel standard deviation, or None if unknown (and for tokens).
+        vocabulary: Of a character-level token dataset, the characters of the
+            token ids ``0 .. num_classes - 1``; None for images.
     """
 
     name: str
     num_classes: int
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, ...]
     splits: Mapping[str, int]
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    vocabulary: str | None = None
+
+    @property
+    def tokens(self) -> bool:
+        """Whether the examples are token windows (and batches ``{"tokens", "label"}``)."""
+        return self.vocabulary is not None
+
+
+def _check_features(name: str, builder) -> str | None:
+    """Checks that ``builder``'s dataset is one admmprune reads; returns its
+    vocabulary if it is a token dataset, None if it is of images."""
+    features = builder.info.features
+    keys = set(features.keys()) if hasattr(features, "keys") else set()
+    vocabulary = getattr(type(builder), "VOCABULARY", None)
+    if "tokens" in keys and isinstance(vocabulary, str) and vocabulary:
+        shape, dtype = tuple(features["tokens"].shape), features["tokens"].np_dtype
+        if len(shape) != 1 or shape[0] is None or shape[0] < 2 or not np.issubdtype(dtype, np.integer):
+            raise UserError(
+                f"dataset {name!r} has tokens {dtype}{list(shape)}; admmprune needs "
+                "windows of a fixed number (at least 2) of integer token ids"
+            )
+        return vocabulary
+    _check_image_classification(name, features)
+    return None
 
 
 def _check_image_classification(name: str, features) -> None:
@@ -132,18 +165,30 @@ def dataset_info(name: str, data_dir: str | os.PathLike | None = None) -> Datase
 
     Raises:
         UserError: the dataset is unknown, not prepared and not preparable offline,
-            or not an image classification dataset with fixed-shape images.
+            or neither an image classification dataset with fixed-shape images
+            nor a token dataset.
     """
     data_dir = _resolve_data_dir(data_dir)
     builder = _prepared_builder(name, data_dir)
     features = builder.info.features
-    _check_image_classification(name, features)
+    vocabulary = _check_features(name, builder)
+    splits = {k: int(v.num_examples) for k, v in builder.info.splits.items()}
+    if vocabulary is not None:
+        return DatasetInfo(
+            name=builder.name,
+            num_classes=len(vocabulary),
+            image_shape=(int(features["tokens"].shape[0]) - 1,),
+            splits=splits,
+            mean=None,
+            std=None,
+            vocabulary=vocabulary,
+        )
     mean, std = NORMALIZATION.get(builder.name, (None, None))
     return DatasetInfo(
         name=builder.name,
         num_classes=int(features["label"].num_classes),
         image_shape=tuple(int(d) for d in features["image"].shape),
-        splits={k: int(v.num_examples) for k, v in builder.info.splits.items()},
+        splits=splits,
         mean=mean,
         std=std,
     )
@@ -194,34 +239,92 @@ class ArraySource(Sequence):
         return f"ArraySource(images=uint8{list(self.images.shape)}, labels=int32[{len(self)}])"
 
 
-def read_arrays(source: Sequence[Mapping[str, Any]]) -> ArraySource:
+class TokenSource(Sequence):
+    """A random-access source of token windows held in memory.
+
+    Indexing gives ``{"tokens": int32 [seq_len + 1]}`` dicts, the feature a
+    tfds data source of a token dataset gives;
+    :func:`~admmprune.runtime.data.make_loader` gathers whole batches from the
+    array and splits each window into inputs and next-token labels.
+
+    Attributes:
+        tokens: int32 array ``[N, seq_len + 1]`` of token ids (read-only).
+    """
+
+    def __init__(self, tokens: np.ndarray):
+        """Wraps an array of windows.
+
+        Args:
+            tokens: Array ``[N, seq_len + 1]`` of non-negative integer token ids,
+                ``seq_len >= 1``.
+        """
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[1] < 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise UserError(
+                f"TokenSource needs integer token windows [N, seq_len + 1] with seq_len >= 1; "
+                f"got {tokens.dtype}{list(tokens.shape)}"
+            )
+        if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max):
+            raise UserError(f"TokenSource token ids must be in [0, 2**31), got {tokens.min()} .. {tokens.max()}")
+        tokens = np.asarray(tokens, np.int32)
+        tokens.flags.writeable = False
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return TokenSource(self.tokens[index])
+        return {"tokens": self.tokens[index]}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        return [self[int(i)] for i in indices]
+
+    def __repr__(self) -> str:
+        return f"TokenSource(tokens=int32{list(self.tokens.shape)})"
+
+
+def _examples(source: Sequence[Mapping[str, Any]], n: int):
+    """``(index, example)`` of the first ``n`` examples, read in chunks."""
+    getitems = getattr(source, "__getitems__", None)
+    for start in range(0, n, _READ_CHUNK):
+        indices = list(range(start, min(start + _READ_CHUNK, n)))
+        examples = getitems(indices) if getitems else [source[i] for i in indices]
+        yield from zip(indices, examples, strict=True)
+
+
+def read_arrays(source: Sequence[Mapping[str, Any]]) -> ArraySource | TokenSource:
     """Reads every example of a random-access source into memory.
 
     Args:
-        source: A random-access source of ``{"image", "label"}`` dicts, such as
-            a tfds data source.
+        source: A random-access source of ``{"image", "label"}`` dicts, or of
+            dicts with ``"tokens"`` (a token dataset's), such as a tfds data
+            source.
 
     Returns:
-        An :class:`ArraySource` with the same examples in the same order.
+        An :class:`ArraySource` (a :class:`TokenSource` for tokens) with the
+        same examples in the same order.
 
     Raises:
         UserError: the source is empty.
     """
-    if isinstance(source, ArraySource):
+    if isinstance(source, ArraySource | TokenSource):
         return source
     n = len(source)
     if n == 0:
         raise UserError("the data source is empty: check the split name and the data dir")
     first = source[0]
+    if "tokens" in first:
+        tokens = np.empty((n, *np.shape(first["tokens"])), np.int32)
+        for i, example in _examples(source, n):
+            tokens[i] = example["tokens"]
+        return TokenSource(tokens)
     images = np.empty((n, *np.shape(first["image"])), np.uint8)
     labels = np.empty((n,), np.int32)
-    getitems = getattr(source, "__getitems__", None)
-    for start in range(0, n, _READ_CHUNK):
-        indices = list(range(start, min(start + _READ_CHUNK, n)))
-        examples = getitems(indices) if getitems else [source[i] for i in indices]
-        for i, example in zip(indices, examples, strict=True):
-            images[i] = example["image"]
-            labels[i] = example["label"]
+    for i, example in _examples(source, n):
+        images[i] = example["image"]
+        labels[i] = example["label"]
     return ArraySource(images, labels)
 
 
@@ -234,9 +337,10 @@ def load_source(
 ) -> Sequence[Mapping[str, Any]]:
     """Opens one split of a tfds dataset for random access, offline.
 
-    MNIST and Fashion-MNIST are prepared into ``data_dir`` the first time they
-    are asked for (about 6 s); any other dataset must already be prepared there
-    in the ``array_record`` format. Nothing is downloaded.
+    MNIST, Fashion-MNIST and ``shakespeare_chars`` are prepared into
+    ``data_dir`` the first time they are asked for (about 6 s); any other
+    dataset must already be prepared there in the ``array_record`` format.
+    Nothing is downloaded.
 
     Args:
         name: A tfds dataset name, optionally with config and version
@@ -246,28 +350,33 @@ def load_source(
         data_dir: The tfds data directory; None means the tfds default
             (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
         in_memory: Whether to decode the whole split into memory once (an
-            :class:`ArraySource`) instead of decoding each example when it is
-            read (the tfds data source). None decides by size: splits whose
-            images fit in 1 GiB are read into memory, which makes an epoch of
-            MNIST take well under a second instead of ~10 s.
+            :class:`ArraySource`, or :class:`TokenSource`) instead of decoding
+            each example when it is read (the tfds data source). None decides
+            by size: splits whose images (tokens) fit in 1 GiB are read into
+            memory, which makes an epoch of MNIST take well under a second
+            instead of ~10 s.
 
     Returns:
-        A random-access sequence of ``{"image": uint8 [H,W,C], "label": int}``.
+        A random-access sequence of ``{"image": uint8 [H,W,C], "label": int}``;
+        of a token dataset, of dicts with ``"tokens"`` (``[seq_len + 1]``).
 
     Raises:
         UserError: the dataset is unknown, not available offline, stored in a
-            format that needs TensorFlow, not an image classification dataset,
-            or the split does not exist.
+            format that needs TensorFlow, neither an image classification
+            dataset nor a token dataset, or the split does not exist.
     """
     data_dir = _resolve_data_dir(data_dir)
     builder = _prepared_builder(name, data_dir)
-    _check_image_classification(name, builder.info.features)
+    vocabulary = _check_features(name, builder)
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except (ValueError, KeyError) as e:  # unknown split or bad slice
         splits = sorted(builder.info.splits.keys())
         raise UserError(f"cannot read split {split!r} of {name!r} ({e}); its splits are {splits}") from None
     if in_memory is None:
-        image_bytes = int(np.prod(builder.info.features["image"].shape))
-        in_memory = len(source) * image_bytes <= _IN_MEMORY_MAX_BYTES
+        if vocabulary is None:
+            example_bytes = int(np.prod(builder.info.features["image"].shape))
+        else:  # int32 ids in memory
+            example_bytes = 4 * int(np.prod(builder.info.features["tokens"].shape))
+        in_memory = len(source) * example_bytes <= _IN_MEMORY_MAX_BYTES
     return read_arrays(source) if in_memory else source
