@@ -370,10 +370,12 @@ def suite(res: dict) -> str:
         dense_mean, dense_sd = summary["dense_accuracy"]
         kind = "" if first.get("compression") is None else f", {summary['case'].rsplit('-', 1)[1]} sparsity"
         kind = ", MACs budget" if summary["case"].endswith("-macs") else kind
+        perplexity = summary.get("dense_perplexity")
+        dense_text = _pm(dense_mean, dense_sd) + ("" if perplexity is None else f", perplexity {perplexity:.2f}")
         head = (
             f"**{MODEL_NAMES[first['model']]} / {MODEL_NAMES[first['dataset']]}{kind} at ratio {summary['ratio']:g}, "
             f"{summary['budget']} budget** ({summary['epochs_after_dense']} epochs after the dense phase; "
-            f"seeds {', '.join(map(str, summary['seeds']))}; dense {_pm(dense_mean, dense_sd)}; "
+            f"seeds {', '.join(map(str, summary['seeds']))}; dense {dense_text}; "
             f"{summary.get('cpu', 'CPU not recorded')}; "
             f"wall time {summary['wall_s'] / 60:.0f} min, dense phases {summary['dense_wall_s'] / 60:.0f} min more)"
         )
@@ -389,6 +391,12 @@ def suite(res: dict) -> str:
             size = _pct(m["flops_removed"]) if m.get("compression") is None else f"{m['compression']:.1f}x"
             own = m.get("minus_method")
             own = "" if own is None else f"{100 * own['mean']:+.2f} [{100 * own['low']:+.2f}, {100 * own['high']:+.2f}]"
+            if perplexity is not None:  # a language model: next-character accuracy, perplexity, speed
+                size = f"{size}, {m['speedup']:.1f}x faster" if m.get("speedup") else size
+                rows.append(
+                    [m["method"], f"{m['perplexity']:.2f}", _pm(m["mean"], m["sd"]), str(m["n"]), size, vs, own]
+                )
+                continue
             rows.append([m["method"], _pm(m["mean"], m["sd"]), str(m["n"]), size, vs, own])
         masked = summary["methods"][0].get("compression") is not None
         size_head = "fewer non-zero weights (pruned kernels)" if masked else "FLOPs removed"
@@ -400,6 +408,9 @@ def suite(res: dict) -> str:
             "ADMM − method [95% CI]",
             "variant − its method",
         ]
+        if perplexity is not None:
+            head_row[1:2] = ["perplexity", "next-character accuracy"]
+            head_row[4] = "FLOPs removed, collapsed speed"
         if not any(row[-1] for row in rows):
             head_row, rows = head_row[:-1], [row[:-1] for row in rows]
         table = _table(head_row, rows)

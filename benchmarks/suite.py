@@ -63,6 +63,16 @@ DENSE = {
         "dense.epochs=3",
         "measure.repeats=10",
     ],
+    # Transformers (issue 16): the zoo's ViT on Fashion-MNIST, and its GPT on Shakespeare's works, character
+    # by character (the first 16,384 of 35,063 training windows of 128 characters: a CPU-sized epoch).
+    "vit-fashion": ["model.name=vit", "data.name=fashion_mnist", "dense.epochs=3", "measure.repeats=10"],
+    "gpt-shakespeare": [
+        "model.name=gpt",
+        "data.name=shakespeare_chars",
+        "data.limit=16384",
+        "dense.epochs=3",
+        "measure.repeats=10",
+    ],
 }
 #: Cases: the dense model they start from, and the ratio.
 CASES = {
@@ -86,6 +96,12 @@ CASES = {
         "overrides": ["prune.budget=macs"],
         "budgets": ("default",),  # its 4 stages do not fit the peer's 4 epochs
         "methods": ("admm",),
+    },
+    # Whole heads and MLP neurons, at the peer's budget: ADMM against magnitude pruning.
+    **{
+        f"{dense}-{ratio}": {"dense": dense, "ratio": ratio, "budgets": ("peer",), "methods": ("admm", "magnitude")}
+        for dense in ("vit-fashion", "gpt-shakespeare")
+        for ratio in (0.5, 0.75)
     },
 }
 BUDGETS = ("peer", "default")
@@ -287,12 +303,17 @@ def _outcome(report: dict) -> dict:
             "compression": report["nonzero"]["kernels"]["compression"],
             "layers": {k: v["nonzero"] for k, v in report["layers"].items()},
         }
-    return {
+    out = {
         "accuracy": report["collapsed"]["accuracy"],
         "params_removed": report["params_removed"],
         "flops_removed": report["flops_removed"],
+        "speedup": report.get("speedup"),
         "layers": {k: v["kept"] for k, v in report["layers"].items()},
     }
+    if "perplexity" in report["collapsed"]:  # a language model's
+        out["perplexity"] = report["collapsed"]["perplexity"]
+        out["dense_perplexity"] = report["dense"]["perplexity"]
+    return out
 
 
 def collect(root: str, previous: list[dict] = ()) -> dict:
@@ -353,6 +374,8 @@ def collect(root: str, previous: list[dict] = ()) -> dict:
                     "compression": statistics.fmean(r["compression"] for r in runs)
                     if "compression" in runs[0]
                     else None,
+                    "perplexity": statistics.fmean(r["perplexity"] for r in runs) if "perplexity" in runs[0] else None,
+                    "speedup": statistics.fmean(r["speedup"] for r in runs) if runs[0].get("speedup") else None,
                     "admm_minus": None if m == "admm" else paired(acc["admm"], by_seed),
                     # A variant against the method it varies, paired the same way.
                     "minus_method": paired(by_seed, acc[VARIANTS[m][0]]) if m in VARIANTS else None,
@@ -369,6 +392,9 @@ def collect(root: str, previous: list[dict] = ()) -> dict:
                 "ratio": CASES[case]["ratio"],
                 "epochs_after_dense": epochs_after_dense(case, budget),
                 "dense_accuracy": mean_sd(list({r["seed"]: r["dense_accuracy"] for r in mine}.values())),
+                "dense_perplexity": statistics.fmean(r["dense_perplexity"] for r in mine)
+                if "dense_perplexity" in mine[0]
+                else None,
                 "methods": per_method,
                 "wall_s": sum(r["seconds"] for r in mine),
                 "dense_wall_s": sum(dense),
