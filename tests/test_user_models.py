@@ -146,3 +146,33 @@ def test_save_model_takes_nnx_modules_only(tmp_path):
     with pytest.raises(UserError, match="saves NNX modules, not dict"):
         save_model(tmp_path / "m", {"params": {"w": np.zeros(3)}})
     assert not os.path.exists(tmp_path / "m")
+
+
+def test_every_other_layer_kind_round_trips_through_prune_collapse_save_load_and_export(tmp_path):
+    model = user_models.build_layers()
+    x = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
+    found = discover_nnx(model, x)
+    # conv and the transposed conv (through the per-channel GroupNorm), LinearGeneral's outer axis only,
+    # and each Einsum and dense layer's outputs.
+    assert {n: g.channels for n, g in found.groups.items()} == {
+        "conv": 6,
+        "up": 6,
+        "split": 3,
+        "merge": 5,
+        "e1": 8,
+        "e2": 7,
+    }
+
+    def loss(m):
+        return jnp.mean((m(x) - 1.0) ** 2)
+
+    masks = admm_prune(model, found, loss, keep=0.5)
+    small = collapse(model, masks, found, check=(x,))
+    assert (small.up.out_features, small.norm.num_groups, small.split.out_features) == (3, 3, (2, 4))
+    assert small.e1.kernel_shape == (3, 4) and small.e2.kernel_shape == (4, 4)
+    save_model(tmp_path / "small", small)
+    loaded = load_model(tmp_path / "small", like=user_models.build_layers)
+    np.testing.assert_array_equal(loaded(x), small(x))
+    out = tmp_path / "layers.jax"
+    out.write_bytes(export.export_forward(loaded, (8, 8, 1)))
+    assert relative_error(masked(model, masks, found)(x), run_exported(tmp_path, out, np.asarray(x))) < 1e-5

@@ -66,3 +66,27 @@ class CNN(nnx.Module):
 
 def build_cnn():
     return CNN(rngs=nnx.Rngs(0))
+
+
+class Layers(nnx.Module):
+    """One of each other Flax layer kind in a prunable group: Conv, ConvTranspose, a per-channel
+    GroupNorm, LinearGeneral with an outer and an inner output axis, Einsum, and Linear."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(1, 6, (3, 3), rngs=rngs)
+        self.up = nnx.ConvTranspose(6, 6, (2, 2), strides=(2, 2), rngs=rngs)
+        self.norm = nnx.GroupNorm(6, num_groups=6, rngs=rngs)
+        self.split = nnx.LinearGeneral(6, (3, 4), rngs=rngs)  # 3 outer units of 4
+        self.merge = nnx.LinearGeneral((3, 4), 5, axis=(-2, -1), rngs=rngs)
+        self.e1 = nnx.Einsum("bd,df->bf", (5, 8), (8,), rngs=rngs)
+        self.e2 = nnx.Einsum("bf,fo->bo", (8, 7), (7,), rngs=rngs)
+        self.head = nnx.Linear(7, 10, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.relu(self.norm(self.up(nnx.relu(self.conv(x)))))
+        h = nnx.gelu(self.merge(nnx.gelu(self.split(jnp.mean(h, axis=(1, 2))))))
+        return self.head(nnx.relu(self.e2(nnx.relu(self.e1(h)))))
+
+
+def build_layers():
+    return Layers(rngs=nnx.Rngs(0))

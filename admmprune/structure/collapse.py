@@ -386,19 +386,20 @@ def _set_sizes(old: nnx.Module, new: nnx.Module, where: str) -> None:
         sizes = {s[-1] for s in map(shape, ("scale", "bias", "mean", "var")) if s}
         if len(sizes) > 1:
             raise ValueError(f"{where}: variables disagree on the number of features {sorted(sizes)}")
-        if not sizes or sizes == {old.num_features}:
+        group_norm = isinstance(new, nnx.GroupNorm)  # it has no num_features
+        if not sizes or sizes == {old.num_groups * old.group_size if group_norm else old.num_features}:
             return
         if isinstance(new, (nnx.LayerNorm, nnx.RMSNorm)) and new.feature_axes not in (-1, (-1,)):
             raise ValueError(f"{where}: only a normalization over the last axis can lose channels")
         n = sizes.pop()
-        if isinstance(new, nnx.GroupNorm):
-            if old.group_size == 1:
-                new.num_groups = n
-            elif old.num_groups == 1:
-                new.group_size = n
-            else:
-                raise ValueError(f"{where}: GroupNorm with groups of several channels cannot lose channels")
-        new.num_features = n
+        if not group_norm:
+            new.num_features = n
+        elif old.group_size == 1:
+            new.num_groups = n
+        elif old.num_groups == 1:
+            new.group_size = n
+        else:
+            raise ValueError(f"{where}: GroupNorm with groups of several channels cannot lose channels")
     elif isinstance(new, nnx.Embed):
         new.num_embeddings, new.features = shape("embedding")
     elif isinstance(new, nnx.LinearGeneral):
