@@ -11,7 +11,9 @@ import tempfile
 # compiles of 0.1 s or more are kept (some hundreds, not thousands: the smoke
 # pipeline's second run takes 31 s instead of 47 s; with every compile kept,
 # 24 s, but the suite slowed down).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"admmprune-xla-{os.getpid()}"))
+os.environ.setdefault("ADMMPRUNE_TEST_RUN", str(os.getpid()))  # the controller's pid, inherited by the workers
+_RUN = os.environ["ADMMPRUNE_TEST_RUN"]
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"admmprune-xla-{_RUN}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
@@ -24,6 +26,16 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """One tfds data dir per session: MNIST and Fashion-MNIST are prepared once."""
-    return str(tmp_path_factory.mktemp("tfds"))
+def data_dir():
+    """One tfds data dir for the whole run, shared by the xdist workers: MNIST and
+    Fashion-MNIST are prepared into it once, by whichever worker gets the lock first."""
+    import filelock
+
+    from admmprune.runtime import data
+
+    path = os.path.join(tempfile.gettempdir(), f"admmprune-tfds-{_RUN}")
+    os.makedirs(path, exist_ok=True)
+    with filelock.FileLock(f"{path}.lock"):
+        for name in ("mnist", "fashion_mnist"):
+            data.dataset_info(name, path)  # prepares it offline unless it is there
+    return path
