@@ -41,7 +41,9 @@ def build_parser() -> cli.Parser:
         metavar="SHAPE",
     )
     parser.add_string(
-        "input-dtype", "the input's dtype: float32 (images) or int32 (token ids)", default="float32", metavar="DTYPE"
+        "input-dtype",
+        "the input's dtype: float32 (images) or int32 (token ids); default: the model's input_dtype, else float32",
+        metavar="DTYPE",
     )
     parser.add_string(
         "like",
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         from admmprune.runtime.checkpoint import load_model  # heavy imports after argument errors
 
         try:
-            dtype = np.dtype(args.input_dtype)
+            dtype = None if args.input_dtype is None else np.dtype(args.input_dtype)
         except TypeError:
             raise UserError(f"--input-dtype must be a dtype like float32 or int32, got {args.input_dtype!r}") from None
         like = None if args.like is None else _imported("like", args.like)

@@ -82,3 +82,14 @@ def test_export_cli_errors_are_one_line_and_help_lists_every_option(tmp_path, ca
     help_text = capsys.readouterr().out
     for flag in ("model_dir", "--output FILE", "--input-shape SHAPE", "symbolic batch size"):
         assert flag in help_text, flag
+
+
+def test_a_saved_gpt_exports_for_token_ids_without_being_told(tmp_path):
+    model = models.get("gpt", dim=16, depth=1, heads=2, mlp=16, num_classes=11, in_shape=(8,))
+    save_model(tmp_path / "m", model)
+    out = tmp_path / "gpt.jax"
+    assert export.main([str(tmp_path / "m"), "--output", str(out)]) == 0  # shape and dtype from the model
+    forward = jax.export.deserialize(out.read_bytes())
+    tokens = jax.random.randint(jax.random.key(0), (3, 8), 0, 11)
+    assert forward.in_avals[0].dtype == jnp.int32
+    np.testing.assert_allclose(forward.call(tokens), model(tokens), rtol=1e-5, atol=1e-5)

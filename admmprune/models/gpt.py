@@ -126,6 +126,8 @@ class GPT(nnx.Module):
 
     #: Name of the layer whose outputs are the logits; never prune its outputs.
     output_layer: ClassVar[str] = "head"
+    #: What it reads: token ids (``admmprune.export`` exports it for them).
+    input_dtype: ClassVar[str] = "int32"
 
     def __init__(
         self,

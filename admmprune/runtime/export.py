@@ -40,7 +40,7 @@ def export_forward(
     model: Any,
     shape: Sequence[int] | None = None,
     *,
-    dtype: Any = "float32",
+    dtype: Any = None,
     call: Callable[[Any, Any], Any] | None = None,
 ) -> bytes:
     """Serializes the eval-mode forward pass of ``model`` for a symbolic batch.
@@ -49,7 +49,9 @@ def export_forward(
         model: an NNX module; it is not modified (a copy is put in eval mode).
         shape: one example's input shape; default from :func:`input_shape`
             (a model of :mod:`admmprune.models`; give it for any other).
-        dtype: the input's dtype: ``float32`` for images, ``int32`` for token ids.
+        dtype: the input's dtype: ``float32`` for images, ``int32`` for token
+            ids; default the model's ``input_dtype`` attribute (the zoo's GPT
+            has one), else ``float32``.
         call: how to call the model on the input batch, ``call(model, x)``;
             default ``model(x)``. Binds what else its ``__call__`` takes, e.g.
             ``lambda m, x: m(x, deterministic=True)`` or
@@ -68,7 +70,7 @@ def export_forward(
     from flax import nnx
 
     call = _call if call is None else call
-    dtype = jnp.dtype(dtype)
+    dtype = jnp.dtype(getattr(model, "input_dtype", "float32") if dtype is None else dtype)
     if shape is None:
         shape = input_shape(model)
     else:
