@@ -95,7 +95,7 @@ CASES = {
         "ratio": 0.931,
         "overrides": ["prune.budget=macs"],
         "budgets": ("default",),  # its 4 stages do not fit the peer's 4 epochs
-        "methods": ("admm",),
+        "methods": ("admm", "admm_distill"),
     },
     # Whole heads and MLP neurons, at the peer's budget: ADMM against magnitude pruning.
     **{
