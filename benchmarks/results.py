@@ -62,7 +62,15 @@ BENCHMARKS = {
     "suite": ["benchmarks/suite.py"],
 }
 CASES = ("lenet5-mnist", "resnet20-fashion")
-MODEL_NAMES = {"lenet5": "LeNet-5", "resnet20": "ResNet-20", "mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+MODEL_NAMES = {
+    "lenet5": "LeNet-5",
+    "resnet20": "ResNet-20",
+    "vit": "ViT",
+    "gpt": "GPT",
+    "mnist": "MNIST",
+    "fashion_mnist": "Fashion-MNIST",
+    "shakespeare_chars": "Shakespeare (characters)",
+}
 METHOD_STYLE = {  # (marker, color) per method, the same in every figure
     "admm": ("o", "C0"),
     "magnitude": ("s", "C1"),
@@ -389,10 +397,10 @@ def suite(res: dict) -> str:
             else:
                 vs = f"{100 * diff['mean']:+.2f} [{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}]"
             size = _pct(m["flops_removed"]) if m.get("compression") is None else f"{m['compression']:.1f}x"
+            size = f"{size}, {m['speedup']:.1f}x faster" if m.get("speedup") else size  # the collapsed model's
             own = m.get("minus_method")
             own = "" if own is None else f"{100 * own['mean']:+.2f} [{100 * own['low']:+.2f}, {100 * own['high']:+.2f}]"
             if perplexity is not None:  # a language model: next-character accuracy, perplexity, speed
-                size = f"{size}, {m['speedup']:.1f}x faster" if m.get("speedup") else size
                 rows.append(
                     [m["method"], f"{m['perplexity']:.2f}", _pm(m["mean"], m["sd"]), str(m["n"]), size, vs, own]
                 )
@@ -408,9 +416,10 @@ def suite(res: dict) -> str:
             "ADMM − method [95% CI]",
             "variant − its method",
         ]
+        if any(m.get("speedup") for m in summary["methods"]):
+            head_row[3] = "FLOPs removed, collapsed speed"
         if perplexity is not None:
             head_row[1:2] = ["perplexity", "next-character accuracy"]
-            head_row[4] = "FLOPs removed, collapsed speed"
         if not any(row[-1] for row in rows):
             head_row, rows = head_row[:-1], [row[:-1] for row in rows]
         table = _table(head_row, rows)
