@@ -5,7 +5,6 @@ pipeline test runs the registered default ViT on a slice of Fashion-MNIST.
 """
 
 import json
-import math
 import os
 
 import jax
@@ -13,9 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_collapse import abstract_random
 
 import admmprune as ap
-from admmprune import models, path_str
+from admmprune import models
 from admmprune._errors import UserError
 from admmprune.app import pipeline
 from admmprune.configs import smoke
@@ -31,20 +31,7 @@ SMALL = {"patch": 4, "dim": 16, "depth": 2, "heads": 4, "mlp": 12, "num_classes"
 def small_vit(seed=0):
     """A small ViT in evaluation mode, built abstractly (initializing for real is slow on CPU)
     and filled with random numbers: non-zero biases, offsets and class token, as after training."""
-    model = nnx.eval_shape(lambda: ViT(**SMALL, rngs=nnx.Rngs(seed)))
-    rng = np.random.default_rng(seed)
-
-    def rand(path, x):
-        p = path_str(path)
-        if p.endswith("/scale"):
-            y = rng.uniform(0.5, 1.5, x.shape)
-        elif p.endswith("/bias"):
-            y = rng.normal(0.0, 0.1, x.shape)
-        else:
-            y = rng.normal(0.0, 1.0, x.shape) / np.sqrt(max(1, math.prod(x.shape[:-1])))
-        return jnp.asarray(y, x.dtype)
-
-    nnx.update(model, jax.tree_util.tree_map_with_path(rand, nnx.state(model)))
+    model = abstract_random(lambda: ViT(**SMALL, rngs=nnx.Rngs(seed)), seed)
     model.eval()
     return model
 

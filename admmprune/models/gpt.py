@@ -16,7 +16,6 @@ stays: every norm reduces over it, so removing one of its channels would
 change what the others compute.
 """
 
-import operator
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -26,21 +25,12 @@ import jax.typing
 from flax import nnx
 
 from admmprune._errors import UserError
+from admmprune.models.layers import checked_sizes, size
 
 NORMS = ("rms", "layer")
 """The choices of ``norm``: ``nnx.RMSNorm`` or ``nnx.LayerNorm``."""
 MLP_KINDS = ("gelu", "swiglu")
 """The choices of ``mlp_kind``: ``down(gelu(up(x)))`` or ``down(silu(gate(x)) * up(x))``."""
-
-
-def _size(value: Any) -> int | None:
-    """``value`` as an int (Python's or NumPy's), or None for anything else (a float, a bool)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _norm(kind: str, dim: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -143,12 +133,8 @@ class GPT(nnx.Module):
         rngs: nnx.Rngs,
     ):
         given = {"dim": dim, "depth": depth, "heads": heads, "mlp": mlp, "num_classes": num_classes}
-        sizes = {k: _size(v) for k, v in given.items()}
-        bad = [f"{k}={given[k]!r}" for k, v in sizes.items() if v is None or v < 1]
-        if bad:
-            raise UserError(f"GPT sizes must be integers >= 1, got {', '.join(bad)}")
-        dim, depth, heads, mlp, num_classes = sizes.values()
-        shape = tuple(_size(s) for s in in_shape) if isinstance(in_shape, Sequence) else ()
+        dim, depth, heads, mlp, num_classes = checked_sizes("GPT", **given)
+        shape = tuple(size(s) for s in in_shape) if isinstance(in_shape, Sequence) else ()
         if len(shape) != 1 or shape[0] is None or shape[0] < 1:
             raise UserError(
                 f"GPT reads token ids: in_shape must be (seq_len,) with seq_len >= 1, got {in_shape!r} "
@@ -162,6 +148,7 @@ class GPT(nnx.Module):
             raise UserError(f"GPT norm must be one of {', '.join(NORMS)}, got {norm!r}")
         if mlp_kind not in MLP_KINDS:
             raise UserError(f"GPT mlp_kind must be one of {', '.join(MLP_KINDS)}, got {mlp_kind!r}")
+        sizes = dict(zip(given, (dim, depth, heads, mlp, num_classes), strict=True))
         self._config = {**sizes, "in_shape": shape, "norm": norm, "mlp_kind": mlp_kind}
         self.embed = nnx.Embed(num_classes, dim, rngs=rngs)
         self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (shape[0], dim)))

@@ -6,6 +6,7 @@ The functions are pure; nothing here owns parameters.
 import contextlib
 import contextvars
 import functools
+import operator
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -257,3 +258,28 @@ class PerConvWidths:
         """Constructor keyword arguments (all but ``rngs``, and but shorthands such as
         ``width_mult`` or ``base`` that only choose default widths); JSON-serialisable."""
         return dict(self._config)
+
+
+def size(value: Any) -> int | None:
+    """``value`` as an int (Python's or NumPy's), or None for anything else (a float, a bool)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def checked_sizes(model: str, **given: Any) -> tuple[int, ...]:
+    """The sizes ``given`` to ``model``'s constructor as ints, in order.
+
+    Raises:
+        UserError: one is not an integer >= 1 (all such are named).
+    """
+    from admmprune._errors import UserError
+
+    sizes = {k: size(v) for k, v in given.items()}
+    bad = [f"{k}={given[k]!r}" for k, v in sizes.items() if v is None or v < 1]
+    if bad:
+        raise UserError(f"{model} sizes must be integers >= 1, got {', '.join(bad)}")
+    return tuple(sizes.values())

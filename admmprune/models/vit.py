@@ -13,7 +13,6 @@ and output projections together) and MLP hidden neurons. The residual stream
 channels would change what the others compute.
 """
 
-import operator
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -23,16 +22,7 @@ import jax.typing
 from flax import nnx
 
 from admmprune._errors import UserError
-
-
-def _size(value: Any) -> int | None:
-    """``value`` as an int (Python's or NumPy's), or None for anything else (a float, a bool)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+from admmprune.models.layers import checked_sizes
 
 
 class Block(nnx.Module):
@@ -116,11 +106,7 @@ class ViT(nnx.Module):
     ):
         in_shape = tuple(int(s) for s in in_shape)
         given = {"patch": patch, "dim": dim, "depth": depth, "heads": heads, "mlp": mlp, "num_classes": num_classes}
-        sizes = {k: _size(v) for k, v in given.items()}
-        bad = [f"{k}={given[k]!r}" for k, v in sizes.items() if v is None or v < 1]
-        if bad:
-            raise UserError(f"ViT sizes must be integers >= 1, got {', '.join(bad)}")
-        patch, dim, depth, heads, mlp, num_classes = sizes.values()
+        patch, dim, depth, heads, mlp, num_classes = checked_sizes("ViT", **given)
         if len(in_shape) != 3 or min(in_shape) < 1:
             raise UserError(f"ViT in_shape must be (H, W, C) with positive sizes, got {in_shape}")
         if dim % heads:
@@ -133,7 +119,8 @@ class ViT(nnx.Module):
                 f"ViT patch {patch} must divide the image's height and width, got in_shape={in_shape}; "
                 f"choose a patch size that divides {h} and {w}"
             )
-        self._config = {**sizes, "in_shape": in_shape}
+        sizes = (patch, dim, depth, heads, mlp, num_classes)
+        self._config = {**dict(zip(given, sizes, strict=True)), "in_shape": in_shape}
         tokens = (h // patch) * (w // patch)
         self.embed = nnx.Linear(patch * patch * c, dim, rngs=rngs)
         self.cls = nnx.Param(jnp.zeros((1, 1, dim)))

@@ -256,16 +256,32 @@ def _shapes(state: Any) -> dict[str, tuple[int, ...]]:
     return {path_str(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
 
 
-def _check_shapes(target: nnx.Module, states: Sequence[Any], how: str) -> None:
-    want: dict[str, Any] = {}
-    for s in states:
-        want.update(_shapes(s))
-    got = _shapes(nnx.state(target))
-    problems = [
+def _with_stand_ins(alive: Mapping[str, np.ndarray], removable: set[str] = frozenset()) -> dict[str, np.ndarray]:
+    """``alive`` with one zeroed channel standing in for each empty group that may not vanish
+    (see the module docstring)."""
+    kept = {}
+    for group, a in alive.items():
+        if not a.any() and group not in removable:
+            a = a.copy()
+            a[0] = True
+        kept[group] = a
+    return kept
+
+
+def _shape_problems(got: Mapping[str, Any], want: Mapping[str, Any]) -> list[str]:
+    """``"path: built ..., collapsed ..."`` for every path whose built and collapsed shapes differ."""
+    return [
         f"{p}: built {got.get(p)}, collapsed {want.get(p)}"
         for p in sorted(set(want) | set(got))
         if got.get(p) != want.get(p)
     ]
+
+
+def _check_shapes(target: nnx.Module, states: Sequence[Any], how: str) -> None:
+    want: dict[str, Any] = {}
+    for s in states:
+        want.update(_shapes(s))
+    problems = _shape_problems(_shapes(nnx.state(target)), want)
     if problems:
         raise ValueError(
             f"the model {how} does not fit the collapsed variables (are the groups consistent with the "
@@ -520,12 +536,7 @@ def collapse(
     _, params, rest = nnx.split(model, nnx.Param, ...)
     alive = alive_channels(specs, masks)
     removable = removable_groups(model, specs, params) if name is not None else set()
-    kept = {}
-    for group, a in alive.items():
-        if not a.any() and group not in removable:
-            a = a.copy()
-            a[0] = True  # one zeroed channel stands in for an empty group (see the module docstring)
-        kept[group] = a
+    kept = _with_stand_ins(alive, removable)
     zeroed = _zeroed(params, specs, masks)
     params = slice_channels(zeroed, specs, kept)
     while removable:  # a removable group that only feeds removed channels is dead too
@@ -633,24 +644,14 @@ def collapse_linen(
       ...     lambda w: Net(widths=(w["params/Conv_0"], w["params/Conv_1"])), x)
     """
     specs, _ = _split_specs(specs, None)
-    kept = {}
-    for group, a in alive_channels(specs["params"], masks).items():
-        if not a.any():
-            a = a.copy()
-            a[0] = True
-        kept[group] = a
+    kept = _with_stand_ins(alive_channels(specs["params"], masks))
     masked_vars = {**variables, "params": _zeroed(variables["params"], specs["params"], masks)}
     small_vars = slice_channels(masked_vars, specs, kept)
     groups = channel_groups(specs["params"])
     widths = {g.name: int(kept[g.name].sum()) if g.name in kept else g.channels for g in groups}
     small = rebuild(widths)
     built = jax.eval_shape(small.init, jax.random.key(0), *example)
-    got, want = _shapes(built), _shapes(small_vars)
-    problems = [
-        f"{p}: built {got.get(p)}, collapsed {want.get(p)}"
-        for p in sorted(set(got) | set(want))
-        if got.get(p) != want.get(p)
-    ]
+    problems = _shape_problems(_shapes(built), _shapes(small_vars))
     if problems:
         raise ValueError(
             f"rebuild(widths) built a {type(small).__name__} whose variables do not fit the collapsed ones "
