@@ -302,6 +302,49 @@ def test_shards_are_disjoint_equal_and_cover_the_data(shuffle, n):
         assert set(union.tolist()) == set(range(n - n % 3))
 
 
+@pytest.mark.parametrize(
+    ("n", "batch", "epochs", "shards", "shuffle", "drop", "limit"),
+    [
+        (60, 8, 1, 1, True, True, None),
+        (61, 7, 3, 1, True, False, None),  # batches span epoch boundaries
+        (62, 5, 2, 3, True, False, None),
+        (62, 5, 2, 3, False, True, None),
+        (100, 9, 2, 2, True, True, 37),
+        (13, 4, None, 2, True, True, None),  # forever
+    ],
+)
+def test_batches_are_grains_shuffle_slice_repeat_batch(n, batch, epochs, shards, shuffle, drop, limit):
+    # The loader computes grain's element-by-element chain a batch at a time:
+    # the same batches, so runs and their checkpoints' data states are unchanged.
+    import grain
+
+    source = _indexed_source(n)
+    used = n if limit is None else limit
+    per_shard = used // shards
+    for shard in range(shards):
+        ds = grain.MapDataset.range(used)
+        if shuffle:
+            ds = ds.shuffle(seed=11)
+        ds = ds[shard : per_shard * shards : shards].repeat(epochs).batch(batch, drop_remainder=drop)
+        loader = data.make_loader(
+            source,
+            batch_size=batch,
+            seed=11,
+            shuffle=shuffle,
+            num_epochs=epochs,
+            drop_remainder=drop,
+            limit=limit,
+            shard_index=shard,
+            shard_count=shards,
+        )
+        got = iter(loader)
+        count = len(ds) if epochs is not None else 30
+        for i in range(count):
+            np.testing.assert_array_equal(_indices(next(got)), ds[i])
+        if epochs is not None:
+            assert next(got, None) is None
+
+
 def test_limit_uses_only_the_first_examples():
     got = _all_indices(data.make_loader(_indexed_source(100), batch_size=5, seed=0, limit=20))
     assert sorted(got) == list(range(20))

@@ -40,6 +40,41 @@ def test_conv_equals_lax_in_value_and_both_gradients(monkeypatch, shape, kernel,
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "shape,kernel,out,padding",
+    [
+        ((4, 12, 12, 6), (5, 5), 10, "VALID"),  # LeNet-5's conv2, small
+        ((4, 9, 9, 3), (5, 5), 7, "SAME"),
+        ((3, 8, 10, 2), (5, 5), 3, ((2, 1), (0, 3))),  # asymmetric, and a pad larger than the kernel's reach
+        ((5, 7, 7, 4), (3, 3), 4, "SAME"),  # tiny channels
+        ((5, 7, 7, 3), (3, 1), 2, "VALID"),
+    ],
+)
+def test_input_gradient_as_matmul_is_laxs(shape, kernel, out, padding):
+    conv = layers.Conv(shape[-1], out, kernel, padding=padding, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), shape)
+    probe = jax.random.normal(jax.random.key(2), conv(x).shape)
+    kernel_value = conv.kernel.get_value()
+
+    def grad_x(fn):
+        return jax.grad(lambda x: jnp.sum(fn(x, kernel_value, (1, 1), conv.padding, dimension_numbers=DN) * probe))
+
+    ours, theirs = grad_x(layers.conv_general_dilated), grad_x(jax.lax.conv_general_dilated)
+    np.testing.assert_allclose(jax.jit(ours)(x), jax.jit(theirs)(x), rtol=1e-5, atol=1e-5)
+    # The matmul form was used (lax's input gradient is a convolution, no matmul).
+    assert "dot_general" in str(jax.make_jaxpr(ours)(x))
+
+
+def test_input_gradient_of_wider_3x3_convs_stays_laxs():
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 8))
+    kernel = jax.random.normal(jax.random.key(2), (3, 3, 8, 8))
+    grad = jax.grad(lambda x: jnp.sum(layers.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=DN)))
+    assert "dot_general" not in str(jax.make_jaxpr(grad)(x))
+
+
+DN = ("NHWC", "HWIO", "NHWC")
+
+
 def test_large_batches_use_at_most_the_chunk_limit(monkeypatch):
     """A batch past WEIGHT_GRAD_CHUNK * MAX_WEIGHT_GRAD_CHUNKS gets larger chunks, not more of them."""
     monkeypatch.setattr(layers, "WEIGHT_GRAD_CHUNK", 1)
