@@ -8,11 +8,9 @@ organised by layers.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from types import SimpleNamespace
-from typing import Any
 
 from admmprune._errors import UserError, run_cli
 from admmprune.app import cli
@@ -97,35 +95,6 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
     return args
 
 
-def _find_model(path: str) -> tuple[str, dict[str, Any]]:
-    """``(model dir, the run's data settings or {})`` for a model dir or workdir."""
-    if not os.path.exists(path):
-        raise UserError(f"no such model directory or workdir: {path}")
-    if not os.path.isdir(path):
-        raise UserError(f"{path} is not a directory: give a saved model directory or a pipeline workdir")
-    model_dir = path
-    if os.path.isfile(os.path.join(path, "config.json")):  # a pipeline workdir
-        model_dir = os.path.join(path, "dense")
-        if not os.path.isdir(model_dir):
-            raise UserError(
-                f"workdir {path} has no dense model yet (WORKDIR/dense): let its run finish the dense phase"
-            )
-    run_config = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "config.json")
-    data: dict[str, Any] = {}
-    if os.path.isfile(run_config):
-        try:
-            with open(run_config) as f:
-                data = json.load(f).get("data", {})
-            if not isinstance(data, dict):
-                raise TypeError(f"its 'data' is a {type(data).__name__}")
-        except (OSError, ValueError, TypeError, AttributeError) as e:
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"{run_config} is damaged ({detail}); restore it, or pass --dataset and give the model directory"
-            ) from None
-    return model_dir, data
-
-
 def run(args: SimpleNamespace) -> str:
     """What the command does, for parsed arguments (:func:`parse_args`);
     returns the output directory."""
@@ -141,7 +110,7 @@ def run(args: SimpleNamespace) -> str:
         model_dir = os.path.join(workdir, "dense")
         data = {"name": config.data.name, "data_dir": config.data.data_dir, "normalize": config.data.normalize}
     else:
-        model_dir, data = _find_model(args.path)
+        model_dir, data = cli.find_model(args.path)
     default = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "analysis")
     output = check_output(args.output or default, overwrite=args.overwrite)
     if args.config is not None:

@@ -60,6 +60,8 @@ BENCHMARKS = {
     "data_parallel": ["benchmarks/bench_data_parallel.py", "--steps", "30", "--rounds", "3"],
     # Resumable: runs kept under runs/suite; rerun until every case, budget and seed is done.
     "suite": ["benchmarks/suite.py"],
+    # Reads the suite's dense models (runs/suite/dense); resumable with --resume.
+    "oneshot": ["benchmarks/bench_oneshot.py", "--resume"],
 }
 CASES = ("lenet5-mnist", "resnet20-fashion")
 MODEL_NAMES = {
@@ -433,6 +435,64 @@ def suite(res: dict) -> str:
     return "\n\n".join([*parts, note, _provenance(r, "suite")])
 
 
+def oneshot(res: dict) -> str:
+    """One-shot pruning without retraining: per model and sparsity, every method over calibration seeds."""
+    r = res["oneshot"]
+    parts = []
+    for dense in r["dense"]:
+        name = dense["model"]
+        summaries = [s for s in r["summaries"] if s["model"] == name]
+        rows_of = [row for row in r["rows"] if row["model"] == name]
+        if not summaries:
+            continue
+        lm = "perplexity" in dense
+        dense_text = _pct(dense["accuracy"], 2) + (f", perplexity {dense['perplexity']:.2f}" if lm else "")
+        seeds = sorted({row["seed"] for row in rows_of})
+        unit = "sequences" if lm else "images"
+        parts.append(
+            f"**{MODEL_NAMES[name]} / {MODEL_NAMES[dense['dataset']]}** (dense {dense_text}; "
+            f"{rows_of[0]['samples']} calibration {unit} from the training split, calibration seeds "
+            f"{', '.join(map(str, seeds))}; the output layer stays dense)"
+        )
+        head = ["sparsity", "method", "accuracy (mean ± sd)", "ADMM − method [95% CI]", "pruning s", "peak MiB"]
+        if lm:
+            head[2:2] = ["perplexity", "ADMM's perplexity lower by [95% CI]"]
+            head[2 + 2] = "next-character accuracy"
+        rows = []
+        for summary in summaries:
+            for m in summary["methods"]:
+                d = m["admm_minus"]
+                vs = "" if d is None else f"{100 * d['mean']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]"
+                cells = [
+                    summary["sparsity"],
+                    m["method"],
+                    _pm(*m["accuracy"]),
+                    vs,
+                    f"{m['prune_s']:.1f}",
+                    f"{m['peak_mib']:.0f}",
+                ]
+                if lm:
+                    low = m.get("admm_lower")
+                    lower = (
+                        ""
+                        if low is None
+                        else f"{100 * low['mean']:.1f}% [{100 * low['low']:.1f}, {100 * low['high']:.1f}]"
+                    )
+                    ppl_mean, ppl_sd = m["perplexity"]
+                    ppl = f"{ppl_mean:.2f}" if ppl_sd != ppl_sd else f"{ppl_mean:.2f} ± {ppl_sd:.2f}"
+                    cells[2:2] = [ppl, lower]
+                rows.append(cells)
+        parts.append(_table(head, rows))
+    note = (
+        "No retraining after pruning. Every method prunes each layer in turn from the same calibration samples, "
+        "which pass through the layers pruned before it; sparsity is per layer (N:M: at most N non-zeros in every M "
+        "consecutive inputs of an output; layers whose inputs are not a multiple of M stay dense). ADMM − method: "
+        "the mean over calibration seeds of the paired difference in points, with its 95% Student-t interval. "
+        "Pruning time: median over seeds, including each layer's compilation on its first run."
+    )
+    return "\n\n".join([*parts, note, _provenance(r, "oneshot")])
+
+
 def _pm(mean: float, sd: float) -> str:
     return f"{100 * mean:.2f}%" if sd != sd else f"{100 * mean:.2f} ± {100 * sd:.2f}%"
 
@@ -467,6 +527,8 @@ def blocks(res: dict) -> dict[str, str]:
         "data_parallel": data_parallel(res),
         "suite": suite(res),
     }
+    if "oneshot" in res:
+        out["oneshot"] = oneshot(res)
     for case in CASES:
         out[f"methods_{case}"] = methods_table(res, case)
     return out

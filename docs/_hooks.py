@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "admmprune", "configs")
-CLI_MODULES = ("admmprune.train", "admmprune.analyze", "admmprune.export")
+CLI_MODULES = ("admmprune.train", "admmprune.analyze", "admmprune.export", "admmprune.oneshot")
 BRANCH = "main"
 
 log = logging.getLogger("mkdocs.hooks.admmprune")

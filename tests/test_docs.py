@@ -137,11 +137,11 @@ def test_config_reference_refuses_an_undocumented_field():
     ]
 
 
-def test_cli_reference_shows_every_option_of_the_three_commands():
-    from admmprune import analyze, export, train
+def test_cli_reference_shows_every_option_of_every_command():
+    from admmprune import analyze, export, oneshot, train
 
     page = _hooks()._shipped_cli_reference()
-    for module in (train, analyze, export):
+    for module in (train, analyze, export, oneshot):
         parser = module.build_parser()
         # Every flag the command defines (absl's own list, as parsing sees it)
         # is in the reference, with its help text.

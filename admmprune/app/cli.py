@@ -1,7 +1,7 @@
-"""What the three command lines share: typed absl flags, a config with
+"""What the command lines share: typed absl flags, a config with
 ``--config.FIELD=VALUE`` overrides, help text, and one-line errors.
 
-``python -m admmprune.train | analyze | export`` each describe their arguments
+``python -m admmprune.train | analyze | export | oneshot`` each describe their arguments
 with a :class:`Parser`: typed flags (absl parsers: integers, numbers, lists),
 positional arguments, and for train and analyze ``--config`` with the
 overrides of ``ml_collections.config_flags``, which parse each value as the
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -523,3 +524,41 @@ __all__ = [
     "load_config",
     "shipped_configs",
 ]
+
+
+# --- saved models -------------------------------------------------------------------
+
+
+def find_model(path: str) -> tuple[str, dict[str, Any]]:
+    """``(model dir, the run's data settings or {})`` for a saved model directory or a
+    pipeline workdir (its dense model), as the analyze and oneshot commands take them.
+
+    Raises:
+      UserError: no such directory, a workdir without its dense model yet, or a
+        damaged ``config.json``.
+    """
+    if not os.path.exists(path):
+        raise UserError(f"no such model directory or workdir: {path}")
+    if not os.path.isdir(path):
+        raise UserError(f"{path} is not a directory: give a saved model directory or a pipeline workdir")
+    model_dir = path
+    if os.path.isfile(os.path.join(path, "config.json")):  # a pipeline workdir
+        model_dir = os.path.join(path, "dense")
+        if not os.path.isdir(model_dir):
+            raise UserError(
+                f"workdir {path} has no dense model yet (WORKDIR/dense): let its run finish the dense phase"
+            )
+    run_config = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "config.json")
+    data: dict[str, Any] = {}
+    if os.path.isfile(run_config):
+        try:
+            with open(run_config) as f:
+                data = json.load(f).get("data", {})
+            if not isinstance(data, dict):
+                raise TypeError(f"its 'data' is a {type(data).__name__}")
+        except (OSError, ValueError, TypeError, AttributeError) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"{run_config} is damaged ({detail}); restore it, or pass --dataset and give the model directory"
+            ) from None
+    return model_dir, data
