@@ -34,9 +34,12 @@ Accumulate :math:`H` (and :math:`G`) over calibration batches with
 
 All are pure and jittable, with the keep ratio a traced scalar, and batched
 over the outputs: shard ``w0`` (and ``g``) on the output axis and replicate
-``h``, and the result is what one device gives (for :func:`admm` to rounding
-with ``matmul_dtype=float32``; its default bfloat16 products may keep a few
-other weights near the threshold, at the same error).
+``h``, and the result is what one device gives, up to the order in which
+floating-point sums are added. That order can decide between two weights at
+the threshold of :func:`admm`'s hard projections: on a 4096 x 4096 layer
+sharded over 8 devices, 0.005-0.014 % of the mask differed with float32
+products and 0.3-0.7 % with the default bfloat16 ones, with the same error to
+five digits; small layers gave identical masks.
 
 Example::
 

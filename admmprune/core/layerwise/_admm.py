@@ -238,11 +238,10 @@ def admm(
         float32). ``bfloat16`` is four times faster where the hardware
         multiplies it natively (accelerators, CPUs with AMX: 0.12 s against
         0.5 s for a 4096 x 4096 product on two cores) and changed the error by
-        under 0.5 % on the tests' problems. But a float32 sum that another
-        split of the outputs adds in another order can round to the
-        neighbouring bfloat16, so a sharded run may keep a few other weights
-        near the threshold (the same error); with ``float32`` a sharded run
-        gives one device's masks and values to rounding.
+        under 0.5 % on the tests' problems. A float32 sum that another split
+        of the outputs adds in another order can round to the neighbouring
+        bfloat16, so sharded runs swap more weights at the threshold than
+        with ``float32`` (see the package docstring), at the same error.
 
     Returns:
       The pruned kernel, shaped like ``w0`` and of its dtype.
